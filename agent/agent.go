@@ -1,0 +1,755 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/runc/libcontainer"
+	"golang.org/x/sys/unix"
+
+	"github.com/ferry-agent/ferry/cgroup"
+	"github.com/ferry-agent/ferry/internal/atomicfile"
+	"github.com/ferry-agent/ferry/internal/proc"
+)
+
+// Config is the agent's configuration, from ferryd's flags and config file.
+type Config struct {
+	Root          string // state: one directory per container
+	RunDir        string // runtime state: libcontainer's root
+	NodeName      string
+	CgroupParent  string // absolute cgroup path under which containers are made
+	DefaultRootfs string
+	CriuPath      string
+	LogMax        int64 // per-container log cap in bytes
+	Version       string
+	Self          string // the ferryd binary, re-executed as the monitor
+}
+
+// record is ferryd's part of a container's on-disk state: the request and
+// the operator's intent.
+type record struct {
+	Spec          Spec      `json:"spec"`
+	Cgroup        string    `json:"cgroup"`
+	CreatedAt     time.Time `json:"created_at"`
+	StopRequested bool      `json:"stop_requested,omitempty"`
+}
+
+// monitorPid records the monitor process from the moment it is started, so a
+// ferryd that dies during a create can find and stop it on its next start.
+type monitorPid struct {
+	Pid   int    `json:"pid"`
+	Start uint64 `json:"start"`
+}
+
+const monitorPidFile = "monitor.pid.json"
+
+// container is the agent's view of one container. Fields are guarded by
+// Agent.mu; lifecycle operations are serialized by op.
+type container struct {
+	op       sync.Mutex
+	name     string
+	dir      string
+	rec      record
+	creating bool
+	init     *initInfo
+	exit     *exitInfo
+	reason   string
+	exited   chan struct{} // closed once the exit is known; nil when never started
+}
+
+// State names.
+const (
+	StateCreated = "created"
+	StateRunning = "running"
+	StateStopped = "stopped"
+	StateExited  = "exited"
+)
+
+func (c *container) state() string {
+	switch {
+	case c.exit != nil && c.rec.StopRequested:
+		return StateStopped
+	case c.exit != nil:
+		return StateExited
+	case c.init != nil && !c.creating:
+		return StateRunning
+	}
+	return StateCreated
+}
+
+// Agent runs and tracks containers.
+type Agent struct {
+	cfg    Config
+	log    *slog.Logger
+	lcRoot string
+	crDir  string
+
+	mu   sync.Mutex
+	ctrs map[string]*container
+
+	criuVersion string
+	watchers    sync.WaitGroup
+	done        chan struct{}
+}
+
+// New prepares the agent's directories. Call Load before serving.
+func New(cfg Config, log *slog.Logger) (*Agent, error) {
+	if cfg.LogMax <= 0 {
+		cfg.LogMax = 10 << 20
+	}
+	if !strings.HasPrefix(cfg.CgroupParent, "/") {
+		return nil, fmt.Errorf("cgroup-parent %q: must be an absolute cgroup path: %w", cfg.CgroupParent, ErrInvalidArgument)
+	}
+	if cfg.Self == "" {
+		self, err := os.Executable()
+		if err != nil {
+			return nil, fmt.Errorf("find own binary: %w", err)
+		}
+		cfg.Self = self
+	}
+	a := &Agent{
+		cfg: cfg, log: log,
+		lcRoot: filepath.Join(cfg.RunDir, "libcontainer"),
+		crDir:  filepath.Join(cfg.Root, "containers"),
+		ctrs:   map[string]*container{},
+		done:   make(chan struct{}),
+	}
+	for _, d := range []string{a.crDir, a.lcRoot} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, fmt.Errorf("state dir: %w", err)
+		}
+	}
+	a.criuVersion = criuVersion(cfg.CriuPath)
+	return a, nil
+}
+
+func criuVersion(path string) string {
+	if path == "" {
+		path = "criu"
+	}
+	out, err := exec.Command(path, "--version").Output()
+	if err != nil {
+		return "unavailable (" + err.Error() + ")"
+	}
+	for _, l := range strings.Split(string(out), "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(l), "Version:"); ok {
+			return strings.TrimSpace(v)
+		}
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// Close stops the agent's watchers. Containers keep running.
+func (a *Agent) Close() {
+	close(a.done)
+	a.watchers.Wait()
+}
+
+// Load reloads every container from disk and reattaches to those running.
+// Half-created containers (ferryd died before the init ran) are removed.
+func (a *Agent) Load(ctx context.Context) error {
+	ents, err := os.ReadDir(a.crDir)
+	if err != nil {
+		return fmt.Errorf("load containers: %w", err)
+	}
+	for _, e := range ents {
+		if !e.IsDir() {
+			continue
+		}
+		dir := filepath.Join(a.crDir, e.Name())
+		c, err := a.loadOne(dir)
+		if err != nil {
+			a.log.Warn("removing half-created container", "container", e.Name(), "reason", err)
+			if terr := a.teardown(e.Name(), dir); terr != nil {
+				a.log.Error("remove half-created container", "container", e.Name(), "err", terr)
+			}
+			continue
+		}
+		a.ctrs[c.name] = c
+		a.log.Info("reloaded container", "container", c.name, "state", c.state(), "pid", pidOf(c))
+	}
+	// libcontainer state with no ferry container is a leftover of a crash.
+	lcs, _ := os.ReadDir(a.lcRoot)
+	for _, e := range lcs {
+		if _, ok := a.ctrs[e.Name()]; !ok && ValidateName(e.Name()) == nil {
+			a.log.Warn("removing orphaned libcontainer state", "container", e.Name())
+			if err := a.destroyLibcontainer(e.Name()); err != nil {
+				a.log.Error("remove orphaned libcontainer state", "container", e.Name(), "err", err)
+			}
+		}
+	}
+	return nil
+}
+
+func pidOf(c *container) int {
+	if c.init != nil && c.exit == nil {
+		return c.init.Pid
+	}
+	return 0
+}
+
+func (a *Agent) loadOne(dir string) (*container, error) {
+	var rec record
+	if err := atomicfile.ReadJSON(filepath.Join(dir, specFile), &rec); err != nil {
+		return nil, fmt.Errorf("no readable %s: %w", specFile, err)
+	}
+	if rec.Spec.Name != filepath.Base(dir) {
+		return nil, fmt.Errorf("%s names %q", specFile, rec.Spec.Name)
+	}
+	c := &container{name: rec.Spec.Name, dir: dir, rec: rec}
+	var ii initInfo
+	if err := atomicfile.ReadJSON(filepath.Join(dir, initFile), &ii); err != nil {
+		return nil, fmt.Errorf("init never recorded: %w", err)
+	}
+	c.init = &ii
+	var ei exitInfo
+	if err := atomicfile.ReadJSON(filepath.Join(dir, exitFile), &ei); err == nil {
+		c.exit = &ei
+		return c, nil
+	}
+	c.exited = make(chan struct{})
+	a.watchers.Add(1)
+	go a.watchReattached(c)
+	return c, nil
+}
+
+// watchReattached follows a container whose monitor is not ferryd's child:
+// it polls the monitor (or, with the monitor gone, the init) by pid and
+// start time.
+func (a *Agent) watchReattached(c *container) {
+	defer a.watchers.Done()
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	for {
+		monitorAlive := proc.Alive(c.init.MonitorPid, c.init.MonitorStart)
+		initAlive := proc.Alive(c.init.Pid, c.init.PidStart)
+		if !monitorAlive && !initAlive {
+			a.finishExit(c)
+			return
+		}
+		select {
+		case <-a.done:
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// finishExit records the exit of c once its monitor is gone.
+func (a *Agent) finishExit(c *container) {
+	var ei exitInfo
+	err := atomicfile.ReadJSON(filepath.Join(c.dir, exitFile), &ei)
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if err == nil {
+		c.exit = &ei
+	} else {
+		c.exit = &exitInfo{ExitCode: -1, FinishedAt: time.Now().UTC()}
+		c.reason = "exit status unknown: the container's monitor ended without recording it"
+	}
+	a.log.Info("container ended", "container", c.name, "exit_code", c.exit.ExitCode, "state", c.state())
+	if c.exited != nil {
+		select {
+		case <-c.exited:
+		default:
+			close(c.exited)
+		}
+	}
+}
+
+func (a *Agent) get(name string) (*container, error) {
+	if err := ValidateName(name); err != nil {
+		return nil, err
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	c, ok := a.ctrs[name]
+	if !ok {
+		return nil, fmt.Errorf("container %q: %w", name, ErrNotFound)
+	}
+	return c, nil
+}
+
+// Run validates spec, creates the container and starts its init. On any
+// failure every step already taken is undone.
+func (a *Agent) Run(ctx context.Context, spec Spec) (_ *container, retErr error) {
+	if err := NormalizeSpec(&spec, a.cfg.DefaultRootfs); err != nil {
+		return nil, err
+	}
+	log := a.log.With("container", spec.Name)
+	c := &container{name: spec.Name, dir: filepath.Join(a.crDir, spec.Name), creating: true}
+	a.mu.Lock()
+	if _, ok := a.ctrs[spec.Name]; ok {
+		a.mu.Unlock()
+		return nil, fmt.Errorf("container %q: %w", spec.Name, ErrAlreadyExists)
+	}
+	a.ctrs[spec.Name] = c
+	a.mu.Unlock()
+	c.op.Lock()
+	defer c.op.Unlock()
+	defer func() {
+		if retErr != nil {
+			a.mu.Lock()
+			delete(a.ctrs, spec.Name)
+			a.mu.Unlock()
+		}
+	}()
+
+	if err := os.Mkdir(c.dir, 0o700); err != nil {
+		return nil, fmt.Errorf("container %q: state dir: %w", spec.Name, err)
+	}
+	defer func() {
+		if retErr != nil {
+			if err := a.teardown(spec.Name, c.dir); err != nil {
+				retErr = errors.Join(retErr, fmt.Errorf("undo: %w", err))
+			}
+		}
+	}()
+	c.rec = record{Spec: spec, Cgroup: filepath.Join(a.cfg.CgroupParent, spec.Name), CreatedAt: time.Now().UTC()}
+	if err := atomicfile.WriteJSON(filepath.Join(c.dir, specFile), c.rec, 0o600); err != nil {
+		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
+	}
+	merged, err := mountOverlay(spec.Rootfs, c.dir)
+	if err != nil {
+		return nil, fmt.Errorf("container %q: rootfs: %w", spec.Name, err)
+	}
+	oci := OCISpec(&spec, merged, c.rec.Cgroup)
+	cfg, err := LibcontainerConfig(oci, spec.Resources)
+	if err != nil {
+		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
+	}
+	if err := atomicfile.WriteJSON(filepath.Join(c.dir, "config.json"), oci, 0o600); err != nil {
+		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
+	}
+	if err := atomicfile.WriteJSON(filepath.Join(c.dir, lcConfigFile), cfg, 0o600); err != nil {
+		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
+	}
+	ii, cmd, err := a.startMonitor(ctx, c.dir)
+	if err != nil {
+		if strings.Contains(err.Error(), "executable file not found") || strings.Contains(err.Error(), "no such file or directory") {
+			return nil, fmt.Errorf("container %q: args[0] %q: cannot be executed in the rootfs: %v: %w", spec.Name, spec.Args[0], err, ErrInvalidArgument)
+		}
+		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
+	}
+	a.mu.Lock()
+	c.init, c.creating, c.exited = ii, false, make(chan struct{})
+	a.mu.Unlock()
+	a.watchers.Add(1)
+	go func() {
+		defer a.watchers.Done()
+		_ = cmd.Wait() // the monitor is our child until ferryd restarts
+		a.finishExit(c)
+	}()
+	log.Info("container running", "pid", ii.Pid, "cgroup", c.rec.Cgroup)
+	return c, nil
+}
+
+// startMonitor starts the container's monitor and waits for its report.
+func (a *Agent) startMonitor(ctx context.Context, dir string) (_ *initInfo, _ *exec.Cmd, retErr error) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		return nil, nil, fmt.Errorf("ready pipe: %w", err)
+	}
+	defer r.Close()
+	cmd, err := monitorCommand(a.cfg.Self, dir, a.lcRoot, a.cfg.LogMax, w)
+	if err != nil {
+		_ = w.Close()
+		return nil, nil, err
+	}
+	err = cmd.Start()
+	_ = w.Close()
+	if f, ok := cmd.Stdout.(*os.File); ok {
+		_ = f.Close()
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("start monitor: %w", err)
+	}
+	defer func() {
+		if retErr != nil {
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
+		}
+	}()
+	if st, err := proc.StartTime(cmd.Process.Pid); err == nil {
+		_ = atomicfile.WriteJSON(filepath.Join(dir, monitorPidFile), monitorPid{Pid: cmd.Process.Pid, Start: st}, 0o600)
+	}
+	replies := make(chan monitorReply, 1)
+	go func() {
+		var rep monitorReply
+		if err := json.NewDecoder(r).Decode(&rep); err != nil {
+			rep.Error = "monitor ended without a report: " + tail(filepath.Join(dir, monitorLog), 512)
+		}
+		replies <- rep
+	}()
+	select {
+	case rep := <-replies:
+		if rep.Error != "" {
+			return nil, nil, errors.New(rep.Error)
+		}
+		return rep.Init, cmd, nil
+	case <-ctx.Done():
+		return nil, nil, ctx.Err()
+	case <-time.After(60 * time.Second):
+		return nil, nil, errors.New("monitor did not report within 60s")
+	}
+}
+
+func tail(path string, n int64) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return err.Error()
+	}
+	defer f.Close()
+	if st, err := f.Stat(); err == nil && st.Size() > n {
+		_, _ = f.Seek(st.Size()-n, io.SeekStart)
+	}
+	b, _ := io.ReadAll(f)
+	return strings.TrimSpace(string(b))
+}
+
+// teardown removes everything a container has on the host: its processes,
+// libcontainer state and cgroups, the overlay mount and the state directory.
+func (a *Agent) teardown(name, dir string) error {
+	var errs []error
+	var mp monitorPid
+	if err := atomicfile.ReadJSON(filepath.Join(dir, monitorPidFile), &mp); err == nil && proc.Alive(mp.Pid, mp.Start) {
+		_ = unix.Kill(mp.Pid, unix.SIGKILL)
+	}
+	if err := a.destroyLibcontainer(name); err != nil {
+		errs = append(errs, err)
+	}
+	if err := unmountOverlay(dir); err != nil {
+		errs = append(errs, err)
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		errs = append(errs, fmt.Errorf("remove state dir: %w", err))
+	}
+	return errors.Join(errs...)
+}
+
+// destroyLibcontainer kills and destroys what libcontainer still has of name.
+func (a *Agent) destroyLibcontainer(name string) error {
+	if _, err := os.Stat(filepath.Join(a.lcRoot, name)); err != nil {
+		return nil
+	}
+	lc, err := libcontainer.Load(a.lcRoot, name)
+	if err != nil {
+		if rerr := os.RemoveAll(filepath.Join(a.lcRoot, name)); rerr != nil {
+			return errors.Join(err, rerr)
+		}
+		return nil
+	}
+	if st, err := lc.Status(); err == nil && st != libcontainer.Stopped {
+		_ = lc.Signal(unix.SIGKILL)
+		for i := 0; i < 100; i++ {
+			if st, err := lc.Status(); err != nil || st == libcontainer.Stopped {
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	if err := lc.Destroy(); err != nil {
+		return fmt.Errorf("destroy container %q: %w", name, err)
+	}
+	return nil
+}
+
+// signalInit sends sig to c's init process, checking the pid still names it.
+func signalInit(ii *initInfo, sig unix.Signal) error {
+	fd, err := unix.PidfdOpen(ii.Pid, 0)
+	if err != nil {
+		if errors.Is(err, unix.ESRCH) {
+			return nil
+		}
+		return fmt.Errorf("pidfd_open %d: %w", ii.Pid, err)
+	}
+	defer unix.Close(fd)
+	if !proc.Alive(ii.Pid, ii.PidStart) {
+		return nil // gone, or the pid was reused: never signal a stranger
+	}
+	if err := unix.PidfdSendSignal(fd, sig, nil, 0); err != nil && !errors.Is(err, unix.ESRCH) {
+		return fmt.Errorf("signal %s to pid %d: %w", unix.SignalName(sig), ii.Pid, err)
+	}
+	return nil
+}
+
+// Stop sends SIGTERM, waits up to timeout, then SIGKILL.
+func (a *Agent) Stop(ctx context.Context, name string, timeout time.Duration) (*container, error) {
+	c, err := a.get(name)
+	if err != nil {
+		return nil, err
+	}
+	c.op.Lock()
+	defer c.op.Unlock()
+	a.mu.Lock()
+	st, ii, exited := c.state(), c.init, c.exited
+	if st == StateRunning {
+		c.rec.StopRequested = true
+	}
+	rec := c.rec
+	a.mu.Unlock()
+	if st != StateRunning {
+		if st == StateCreated {
+			return nil, fmt.Errorf("container %q: still being created: %w", name, ErrFailedPrecondition)
+		}
+		return c, nil
+	}
+	if err := atomicfile.WriteJSON(filepath.Join(c.dir, specFile), rec, 0o600); err != nil {
+		return nil, fmt.Errorf("container %q: %w", name, err)
+	}
+	if timeout <= 0 {
+		timeout = 10 * time.Second
+	}
+	if err := signalInit(ii, unix.SIGTERM); err != nil {
+		return nil, fmt.Errorf("container %q: %w", name, err)
+	}
+	select {
+	case <-exited:
+		return c, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-time.After(timeout):
+	}
+	a.log.Info("stop timeout passed, killing", "container", name, "timeout", timeout)
+	if err := signalInit(ii, unix.SIGKILL); err != nil {
+		return nil, fmt.Errorf("container %q: %w", name, err)
+	}
+	select {
+	case <-exited:
+		return c, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-time.After(30 * time.Second):
+		return nil, fmt.Errorf("container %q: init pid %d did not exit 30s after SIGKILL", name, ii.Pid)
+	}
+}
+
+// Remove deletes a container that is not running; with force it kills it first.
+func (a *Agent) Remove(ctx context.Context, name string, force bool) error {
+	c, err := a.get(name)
+	if err != nil {
+		return err
+	}
+	c.op.Lock()
+	defer c.op.Unlock()
+	a.mu.Lock()
+	st, ii, exited := c.state(), c.init, c.exited
+	a.mu.Unlock()
+	switch st {
+	case StateCreated:
+		return fmt.Errorf("container %q: still being created: %w", name, ErrFailedPrecondition)
+	case StateRunning:
+		if !force {
+			return fmt.Errorf("container %q: running (stop it first, or use force): %w", name, ErrFailedPrecondition)
+		}
+		if err := signalInit(ii, unix.SIGKILL); err != nil {
+			return fmt.Errorf("container %q: %w", name, err)
+		}
+		select {
+		case <-exited:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(30 * time.Second):
+			return fmt.Errorf("container %q: init pid %d did not exit 30s after SIGKILL", name, ii.Pid)
+		}
+	}
+	if err := a.teardown(name, c.dir); err != nil {
+		return fmt.Errorf("container %q: remove: %w", name, err)
+	}
+	a.mu.Lock()
+	delete(a.ctrs, name)
+	a.mu.Unlock()
+	a.log.Info("container removed", "container", name)
+	return nil
+}
+
+// List returns every container in name order.
+func (a *Agent) List() []*container {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make([]*container, 0, len(a.ctrs))
+	for _, c := range a.ctrs {
+		if !c.creating {
+			out = append(out, c)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].name < out[j].name })
+	return out
+}
+
+// Get returns one container.
+func (a *Agent) Get(name string) (*container, error) { return a.get(name) }
+
+// ExecIO receives an exec'd process's output.
+type ExecIO struct {
+	Stdout, Stderr io.Writer
+}
+
+// Exec runs args in the running container and returns its exit code.
+func (a *Agent) Exec(ctx context.Context, name string, args, env []string, out ExecIO) (int, error) {
+	if len(args) == 0 {
+		return 0, fmt.Errorf("args: empty command: %w", ErrInvalidArgument)
+	}
+	for _, e := range env {
+		k, _, ok := strings.Cut(e, "=")
+		if !ok || !envKeyRE.MatchString(k) {
+			return 0, fmt.Errorf("env %q: want KEY=VALUE: %w", e, ErrInvalidArgument)
+		}
+	}
+	c, err := a.get(name)
+	if err != nil {
+		return 0, err
+	}
+	a.mu.Lock()
+	st, spec := c.state(), c.rec.Spec
+	a.mu.Unlock()
+	if st != StateRunning {
+		return 0, fmt.Errorf("container %q: %s, not running: %w", name, st, ErrFailedPrecondition)
+	}
+	lc, err := libcontainer.Load(a.lcRoot, name)
+	if err != nil {
+		return 0, fmt.Errorf("container %q: load: %w", name, err)
+	}
+	or, ow, err := os.Pipe()
+	if err != nil {
+		return 0, err
+	}
+	er, ew, err := os.Pipe()
+	if err != nil {
+		_ = or.Close()
+		_ = ow.Close()
+		return 0, err
+	}
+	p := &libcontainer.Process{Args: args, Env: append(spec.processEnv(), env...), Cwd: "/", Stdout: ow, Stderr: ew}
+	runErr := lc.Run(p)
+	_ = ow.Close()
+	_ = ew.Close()
+	var copies sync.WaitGroup
+	copies.Add(2)
+	go func() { defer copies.Done(); _, _ = io.Copy(out.Stdout, or); _ = or.Close() }()
+	go func() { defer copies.Done(); _, _ = io.Copy(out.Stderr, er); _ = er.Close() }()
+	if runErr != nil {
+		copies.Wait()
+		if strings.Contains(runErr.Error(), "executable file not found") || strings.Contains(runErr.Error(), "no such file or directory") {
+			return 0, fmt.Errorf("container %q: exec %q: %v: %w", name, args[0], runErr, ErrInvalidArgument)
+		}
+		return 0, fmt.Errorf("container %q: exec %q: %w", name, args[0], runErr)
+	}
+	waited := make(chan struct{})
+	go func() {
+		select {
+		case <-ctx.Done():
+			_ = p.Signal(unix.SIGKILL)
+		case <-waited:
+		}
+	}()
+	ps, werr := p.Wait()
+	close(waited)
+	copies.Wait()
+	if ps == nil {
+		return 0, fmt.Errorf("container %q: exec %q: wait: %w", name, args[0], werr)
+	}
+	code := ps.ExitCode()
+	if ws, ok := ps.Sys().(unix.WaitStatus); ok && ws.Signaled() {
+		code = 128 + int(ws.Signal())
+	}
+	return code, nil
+}
+
+// Logs writes the container's captured output to w; with follow it keeps
+// writing new output until the container has ended or ctx is done.
+func (a *Agent) Logs(ctx context.Context, name string, follow bool, w io.Writer) error {
+	c, err := a.get(name)
+	if err != nil {
+		return err
+	}
+	path := filepath.Join(c.dir, logFile)
+	if b, err := os.ReadFile(path + ".1"); err == nil {
+		if _, err := w.Write(b); err != nil {
+			return err
+		}
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return fmt.Errorf("container %q: logs: %w", name, err)
+	}
+	defer func() { _ = f.Close() }()
+	buf := make([]byte, 64<<10)
+	drain := func() error {
+		for {
+			n, err := f.Read(buf)
+			if n > 0 {
+				if _, werr := w.Write(buf[:n]); werr != nil {
+					return werr
+				}
+			}
+			if err == io.EOF {
+				return nil
+			}
+			if err != nil {
+				return err
+			}
+		}
+	}
+	if err := drain(); err != nil || !follow {
+		return err
+	}
+	a.mu.Lock()
+	exited := c.exited
+	a.mu.Unlock()
+	t := time.NewTicker(200 * time.Millisecond)
+	defer t.Stop()
+	for {
+		ended := false
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-exited:
+			ended = true
+		case <-t.C:
+		}
+		if err := drain(); err != nil {
+			return err
+		}
+		// Rotated: the file we read is now path.1; continue with the new one.
+		if cur, err := os.Stat(path); err == nil {
+			if old, err := f.Stat(); err == nil && !os.SameFile(cur, old) {
+				nf, err := os.Open(path)
+				if err == nil {
+					_ = f.Close()
+					f = nf
+					if err := drain(); err != nil {
+						return err
+					}
+				}
+			}
+		}
+		if ended || exited == nil {
+			return nil
+		}
+	}
+}
+
+// VersionInfo is what Version reports.
+type VersionInfo struct {
+	Agent, Node, Criu, CgroupMode string
+}
+
+// Version reports the agent's build and host features.
+func (a *Agent) Version() VersionInfo {
+	return VersionInfo{Agent: a.cfg.Version, Node: a.cfg.NodeName, Criu: a.criuVersion, CgroupMode: cgroup.Mode()}
+}

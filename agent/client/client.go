@@ -1,0 +1,118 @@
+// Package client is the public Go client of the ferry agent API: ferryctl
+// uses it, and so would a controller.
+package client
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+
+	"github.com/ferry-agent/ferry/agent/api"
+)
+
+// DefaultSocket is ferryd's default local socket.
+const DefaultSocket = "/run/ferry/ferryd.sock"
+
+// Client talks to one ferryd.
+type Client struct {
+	api.FerryClient
+	conn   *grpc.ClientConn
+	target string
+}
+
+// ErrNotRunning means nothing listens at the socket.
+var ErrNotRunning = errors.New("ferryd not reachable")
+
+// DialUnix connects to ferryd's local socket.
+func DialUnix(socket string) (*Client, error) {
+	if socket == "" {
+		socket = DefaultSocket
+	}
+	if _, err := os.Stat(socket); err != nil {
+		return nil, fmt.Errorf("socket %s: %v (is ferryd running?): %w", socket, err, ErrNotRunning)
+	}
+	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, fmt.Errorf("socket %s: %w", socket, err)
+	}
+	return &Client{FerryClient: api.NewFerryClient(conn), conn: conn, target: socket}, nil
+}
+
+// Target is the socket or address the client talks to.
+func (c *Client) Target() string { return c.target }
+
+// Close closes the connection.
+func (c *Client) Close() error { return c.conn.Close() }
+
+// Explain adds the target to transport errors, so a caller sees which
+// socket it tried when ferryd is not running.
+func (c *Client) Explain(err error) error {
+	if err == nil {
+		return nil
+	}
+	if st, ok := status.FromError(err); ok && st.Code() == codes.Unavailable {
+		return fmt.Errorf("cannot reach ferryd at %s (is it running?): %s: %w", c.target, st.Message(), ErrNotRunning)
+	}
+	return err
+}
+
+// ExecResult is an exec'd process's end.
+type ExecResult struct {
+	ExitCode int
+}
+
+// Exec runs args in the container, copying its output to stdout and stderr.
+func (c *Client) Exec(ctx context.Context, name string, args []string, stdout, stderr io.Writer) (*ExecResult, error) {
+	s, err := c.FerryClient.Exec(ctx, &api.ExecRequest{Name: name, Args: args})
+	if err != nil {
+		return nil, c.Explain(err)
+	}
+	for {
+		m, err := s.Recv()
+		if err == io.EOF {
+			return nil, errors.New("exec stream ended without an exit code")
+		}
+		if err != nil {
+			return nil, c.Explain(err)
+		}
+		switch k := m.Kind.(type) {
+		case *api.ExecOutput_Stdout:
+			if _, err := stdout.Write(k.Stdout); err != nil {
+				return nil, err
+			}
+		case *api.ExecOutput_Stderr:
+			if _, err := stderr.Write(k.Stderr); err != nil {
+				return nil, err
+			}
+		case *api.ExecOutput_ExitCode:
+			return &ExecResult{ExitCode: int(k.ExitCode)}, nil
+		}
+	}
+}
+
+// Logs copies a container's output to w; with follow until it ends or ctx is done.
+func (c *Client) Logs(ctx context.Context, name string, follow bool, w io.Writer) error {
+	s, err := c.FerryClient.Logs(ctx, &api.LogsRequest{Name: name, Follow: follow})
+	if err != nil {
+		return c.Explain(err)
+	}
+	for {
+		m, err := s.Recv()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return c.Explain(err)
+		}
+		if _, err := w.Write(m.Data); err != nil {
+			return err
+		}
+	}
+}

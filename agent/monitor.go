@@ -1,0 +1,200 @@
+package agent
+
+import (
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"time"
+
+	_ "github.com/opencontainers/cgroups/devices" // libcontainer sets device rules only with this driver linked in
+	"github.com/opencontainers/runc/libcontainer"
+	"github.com/opencontainers/runc/libcontainer/configs"
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+
+	"github.com/ferry-agent/ferry/internal/atomicfile"
+	"github.com/ferry-agent/ferry/internal/proc"
+)
+
+// Files in a container's state directory.
+const (
+	specFile     = "spec.json"         // ferryd: the validated request and operator intent
+	lcConfigFile = "libcontainer.json" // ferryd: the libcontainer config the monitor creates from
+	initFile     = "init.json"         // monitor: the init process, once it runs
+	exitFile     = "exit.json"         // monitor: how the init process ended
+	logFile      = "container.log"     // monitor: the container's stdout and stderr
+	monitorLog   = "monitor.log"       // the monitor's own diagnostics
+)
+
+// initInfo is what the monitor records once the container's init runs.
+type initInfo struct {
+	Pid          int       `json:"pid"`
+	PidStart     uint64    `json:"pid_start"`
+	MonitorPid   int       `json:"monitor_pid"`
+	MonitorStart uint64    `json:"monitor_start"`
+	StartedAt    time.Time `json:"started_at"`
+}
+
+// exitInfo is what the monitor records when the init process has ended.
+type exitInfo struct {
+	ExitCode   int       `json:"exit_code"`
+	Signal     string    `json:"signal,omitempty"`
+	FinishedAt time.Time `json:"finished_at"`
+}
+
+// monitorReply is the monitor's one message to ferryd on the ready pipe.
+type monitorReply struct {
+	Init  *initInfo `json:"init,omitempty"`
+	Error string    `json:"error,omitempty"`
+}
+
+// monitorCommand builds the command that starts a monitor for the container
+// in dir. The ready pipe's write end becomes the monitor's fd 3.
+func monitorCommand(self, dir, lcRoot string, logMax int64, ready *os.File) (*exec.Cmd, error) {
+	out, err := os.OpenFile(filepath.Join(dir, monitorLog), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("monitor log: %w", err)
+	}
+	cmd := exec.Command(self, "monitor", "--dir", dir, "--lc-root", lcRoot, "--log-max", strconv.FormatInt(logMax, 10))
+	cmd.Stdout, cmd.Stderr = out, out
+	cmd.ExtraFiles = []*os.File{ready}
+	// Its own session: signals to ferryd's process group never reach it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	cmd.Env = append(os.Environ(), "GOGC=50")
+	return cmd, nil
+}
+
+// RunMonitor is the "ferryd monitor" entry point. It creates and starts the
+// container described in --dir, tells ferryd on fd 3, then waits for the
+// init process, logging its output, and records its exit. Returns the exit
+// status for the monitor process.
+func RunMonitor(args []string) int {
+	fs := flag.NewFlagSet("monitor", flag.ContinueOnError)
+	dir := fs.String("dir", "", "container state directory")
+	lcRoot := fs.String("lc-root", "", "libcontainer state root")
+	logMax := fs.Int64("log-max", 10<<20, "log size cap in bytes")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("container", filepath.Base(*dir))
+	logrus.SetOutput(os.Stderr)
+	ready := os.NewFile(3, "ready")
+	reply := func(r monitorReply) {
+		if ready == nil {
+			return
+		}
+		if err := json.NewEncoder(ready).Encode(r); err != nil {
+			log.Warn("reply to ferryd", "err", err)
+		}
+		_ = ready.Close()
+		ready = nil
+	}
+	code, err := monitor(*dir, *lcRoot, *logMax, log, func(ii *initInfo) { reply(monitorReply{Init: ii}) })
+	if err != nil {
+		log.Error("monitor failed", "err", err)
+		reply(monitorReply{Error: err.Error()})
+		return 1
+	}
+	return code
+}
+
+func monitor(dir, lcRoot string, logMax int64, log *slog.Logger, started func(*initInfo)) (int, error) {
+	// The restored or started init is our child; orphans below it come to us.
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		return 0, fmt.Errorf("set child subreaper: %w", err)
+	}
+	var rec record
+	if err := atomicfile.ReadJSON(filepath.Join(dir, specFile), &rec); err != nil {
+		return 0, fmt.Errorf("read spec: %w", err)
+	}
+	spec := rec.Spec
+	var cfg configs.Config
+	if err := atomicfile.ReadJSON(filepath.Join(dir, lcConfigFile), &cfg); err != nil {
+		return 0, fmt.Errorf("read libcontainer config: %w", err)
+	}
+	logOut, err := openCappedLog(filepath.Join(dir, logFile), logMax)
+	if err != nil {
+		return 0, err
+	}
+	defer logOut.Close()
+	r, w, err := os.Pipe()
+	if err != nil {
+		return 0, fmt.Errorf("output pipe: %w", err)
+	}
+	copied := make(chan error, 1)
+	go func() { copied <- copyToLog(logOut, r) }()
+
+	c, err := libcontainer.Create(lcRoot, spec.Name, &cfg)
+	if err != nil {
+		_ = w.Close()
+		return 0, fmt.Errorf("create container %q: %w", spec.Name, err)
+	}
+	p := &libcontainer.Process{
+		Args: spec.Args, Env: spec.processEnv(), Cwd: spec.Cwd,
+		Stdout: w, Stderr: w, Init: true,
+	}
+	if err := c.Run(p); err != nil {
+		_ = w.Close()
+		derr := c.Destroy()
+		return 0, errors.Join(fmt.Errorf("start container %q: %w", spec.Name, err), derr)
+	}
+	_ = w.Close() // the init holds its own copy
+	pid, err := p.Pid()
+	if err != nil {
+		return 0, errors.Join(fmt.Errorf("init pid: %w", err), c.Signal(unix.SIGKILL))
+	}
+	ii := &initInfo{Pid: pid, MonitorPid: os.Getpid(), StartedAt: time.Now().UTC()}
+	if ii.PidStart, err = proc.StartTime(pid); err == nil {
+		ii.MonitorStart, err = proc.StartTime(os.Getpid())
+	}
+	if err == nil {
+		err = atomicfile.WriteJSON(filepath.Join(dir, initFile), ii, 0o600)
+	}
+	if err != nil {
+		_ = c.Signal(unix.SIGKILL)
+		_, _ = p.Wait()
+		return 0, errors.Join(fmt.Errorf("record init: %w", err), c.Destroy())
+	}
+	log.Info("container running", "pid", pid)
+	started(ii)
+
+	ps, werr := p.Wait()
+	ei := exitInfo{FinishedAt: time.Now().UTC(), ExitCode: -1}
+	if ps != nil {
+		if ws, ok := ps.Sys().(syscall.WaitStatus); ok {
+			switch {
+			case ws.Exited():
+				ei.ExitCode = ws.ExitStatus()
+			case ws.Signaled():
+				ei.ExitCode = 128 + int(ws.Signal())
+				ei.Signal = unix.SignalName(ws.Signal())
+			}
+		}
+	} else {
+		log.Warn("wait for init", "err", werr)
+	}
+	// Output from processes that outlived init ends when the pipe closes.
+	select {
+	case <-copied:
+	case <-time.After(2 * time.Second):
+		_ = r.Close()
+	}
+	if err := c.Destroy(); err != nil {
+		log.Warn("destroy container", "err", err)
+	}
+	if err := atomicfile.WriteJSON(filepath.Join(dir, exitFile), ei, 0o600); err != nil {
+		return 0, fmt.Errorf("record exit: %w", err)
+	}
+	log.Info("container exited", "exit_code", ei.ExitCode, "signal", ei.Signal)
+	return 0, nil
+}
+
+var _ io.Writer = (*cappedLog)(nil)

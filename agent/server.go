@@ -1,0 +1,173 @@
+package agent
+
+import (
+	"context"
+	"log/slog"
+	"runtime"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferry-agent/ferry/agent/api"
+	"github.com/ferry-agent/ferry/cgroup"
+)
+
+// Server is the gRPC face of an Agent.
+type Server struct {
+	api.UnimplementedFerryServer
+	a   *Agent
+	log *slog.Logger
+}
+
+var _ api.FerryServer = (*Server)(nil)
+
+// NewServer wraps a.
+func NewServer(a *Agent, log *slog.Logger) *Server { return &Server{a: a, log: log} }
+
+func kernelRelease() string {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return ""
+	}
+	return unix.ByteSliceToString(u.Release[:])
+}
+
+// Version implements api.FerryServer.
+func (s *Server) Version(context.Context, *api.VersionRequest) (*api.VersionResponse, error) {
+	v := s.a.Version()
+	return &api.VersionResponse{AgentVersion: v.Agent, NodeName: v.Node, CriuVersion: v.Criu,
+		CgroupMode: v.CgroupMode, GoVersion: runtime.Version(), Kernel: kernelRelease()}, nil
+}
+
+func resources(r *api.Resources) cgroup.Amount {
+	if r == nil {
+		return cgroup.Amount{}
+	}
+	return cgroup.Amount{CPU: r.CpuCores, Memory: r.MemoryBytes}
+}
+
+// RunContainer implements api.FerryServer.
+func (s *Server) RunContainer(ctx context.Context, req *api.RunContainerRequest) (*api.Container, error) {
+	spec := Spec{
+		Name: req.GetName(), Rootfs: req.GetRootfs(), Bundle: req.GetBundle(), Args: req.GetArgs(),
+		Env: req.GetEnv(), Hostname: req.GetHostname(), Sysctls: req.GetSysctls(), IP: req.GetIp(),
+		Resources: cgroup.Spec{Guarantee: resources(req.GetGuarantee()), Ceiling: resources(req.GetCeiling()), PidsMax: req.GetPidsMax()},
+	}
+	c, err := s.a.Run(ctx, spec)
+	if err != nil {
+		s.log.Warn("run refused or failed", "container", req.GetName(), "err", err)
+		return nil, toStatus(err)
+	}
+	return s.a.toAPI(c), nil
+}
+
+// ListContainers implements api.FerryServer.
+func (s *Server) ListContainers(context.Context, *api.ListContainersRequest) (*api.ListContainersResponse, error) {
+	resp := &api.ListContainersResponse{}
+	for _, c := range s.a.List() {
+		resp.Containers = append(resp.Containers, s.a.toAPI(c))
+	}
+	return resp, nil
+}
+
+// GetContainer implements api.FerryServer.
+func (s *Server) GetContainer(_ context.Context, req *api.GetContainerRequest) (*api.Container, error) {
+	c, err := s.a.Get(req.GetName())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return s.a.toAPI(c), nil
+}
+
+// StopContainer implements api.FerryServer.
+func (s *Server) StopContainer(ctx context.Context, req *api.StopContainerRequest) (*api.Container, error) {
+	if req.GetTimeoutMs() < 0 {
+		return nil, toStatus(errInvalidf("timeout %dms: negative", req.GetTimeoutMs()))
+	}
+	c, err := s.a.Stop(ctx, req.GetName(), time.Duration(req.GetTimeoutMs())*time.Millisecond)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return s.a.toAPI(c), nil
+}
+
+// RemoveContainer implements api.FerryServer.
+func (s *Server) RemoveContainer(ctx context.Context, req *api.RemoveContainerRequest) (*api.RemoveContainerResponse, error) {
+	if err := s.a.Remove(ctx, req.GetName(), req.GetForce()); err != nil {
+		return nil, toStatus(err)
+	}
+	return &api.RemoveContainerResponse{}, nil
+}
+
+type streamWriter struct {
+	send func([]byte) error
+}
+
+func (w streamWriter) Write(p []byte) (int, error) {
+	if err := w.send(append([]byte(nil), p...)); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// Exec implements api.FerryServer.
+func (s *Server) Exec(req *api.ExecRequest, stream api.Ferry_ExecServer) error {
+	var mu chanMutex = make(chan struct{}, 1)
+	send := func(o *api.ExecOutput) error {
+		mu.lock()
+		defer mu.unlock()
+		return stream.Send(o)
+	}
+	out := ExecIO{
+		Stdout: streamWriter{func(b []byte) error { return send(&api.ExecOutput{Kind: &api.ExecOutput_Stdout{Stdout: b}}) }},
+		Stderr: streamWriter{func(b []byte) error { return send(&api.ExecOutput{Kind: &api.ExecOutput_Stderr{Stderr: b}}) }},
+	}
+	code, err := s.a.Exec(stream.Context(), req.GetName(), req.GetArgs(), req.GetEnv(), out)
+	if err != nil {
+		return toStatus(err)
+	}
+	return send(&api.ExecOutput{Kind: &api.ExecOutput_ExitCode{ExitCode: int32(code)}})
+}
+
+type chanMutex chan struct{}
+
+func (m chanMutex) lock()   { m <- struct{}{} }
+func (m chanMutex) unlock() { <-m }
+
+// Logs implements api.FerryServer.
+func (s *Server) Logs(req *api.LogsRequest, stream api.Ferry_LogsServer) error {
+	w := streamWriter{func(b []byte) error { return stream.Send(&api.LogChunk{Data: b}) }}
+	return toStatus(s.a.Logs(stream.Context(), req.GetName(), req.GetFollow(), w))
+}
+
+func ts(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.UTC().Format(time.RFC3339Nano)
+}
+
+func (a *Agent) toAPI(c *container) *api.Container {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	r := c.rec.Spec.Resources
+	out := &api.Container{
+		Name: c.name, State: c.state(), Cgroup: c.rec.Cgroup,
+		Guarantee: &api.Resources{CpuCores: r.Guarantee.CPU, MemoryBytes: r.Guarantee.Memory},
+		Ceiling:   &api.Resources{CpuCores: r.Ceiling.CPU, MemoryBytes: r.Ceiling.Memory},
+		PidsMax:   r.PidsMax, CreatedAt: ts(c.rec.CreatedAt), Rootfs: c.rec.Spec.Rootfs,
+		Args: c.rec.Spec.Args, Hostname: c.rec.Spec.Hostname, Sysctls: c.rec.Spec.Sysctls,
+		Ip: c.rec.Spec.IP, StatusReason: c.reason,
+	}
+	if c.init != nil {
+		out.StartedAt = ts(c.init.StartedAt)
+		if c.exit == nil {
+			out.Pid = int64(c.init.Pid)
+		}
+	}
+	if c.exit != nil {
+		out.ExitCode = int32(c.exit.ExitCode)
+		out.FinishedAt = ts(c.exit.FinishedAt)
+	}
+	return out
+}

@@ -1,0 +1,253 @@
+package agent
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+
+	"github.com/opencontainers/runc/libcontainer/configs"
+	"github.com/opencontainers/runc/libcontainer/specconv"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/ferry-agent/ferry/cgroup"
+	"github.com/ferry-agent/ferry/sysctlguard"
+)
+
+var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9_.-]{0,62}$`)
+
+var envKeyRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+
+var hostnameRE = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$`)
+
+// Spec is a validated container request, as persisted in the container's
+// state directory.
+type Spec struct {
+	Name      string            `json:"name"`
+	Rootfs    string            `json:"rootfs"`
+	Bundle    string            `json:"bundle,omitempty"`
+	Args      []string          `json:"args"`
+	Env       []string          `json:"env,omitempty"`
+	Cwd       string            `json:"cwd"`
+	Hostname  string            `json:"hostname"`
+	Sysctls   map[string]string `json:"sysctls,omitempty"`
+	IP        string            `json:"ip,omitempty"`
+	Resources cgroup.Spec       `json:"resources"`
+}
+
+// ValidateName checks a container name against ^[a-z0-9][a-z0-9_.-]{0,62}$.
+func ValidateName(name string) error {
+	if !nameRE.MatchString(name) {
+		return fmt.Errorf("name %q: must match ^[a-z0-9][a-z0-9_.-]{0,62}$: %w", name, ErrInvalidArgument)
+	}
+	return nil
+}
+
+// validateDir checks an operator-given directory path: absolute, clean, no
+// "..", no characters overlayfs options cannot carry, an existing directory.
+func validateDir(field, p string) error {
+	if p == "" {
+		return fmt.Errorf("%s: empty path: %w", field, ErrInvalidArgument)
+	}
+	if !filepath.IsAbs(p) {
+		return fmt.Errorf("%s %q: not an absolute path: %w", field, p, ErrInvalidArgument)
+	}
+	for _, el := range strings.Split(p, "/") {
+		if el == ".." {
+			return fmt.Errorf("%s %q: contains \"..\": %w", field, p, ErrInvalidArgument)
+		}
+	}
+	if filepath.Clean(p) != p {
+		return fmt.Errorf("%s %q: not a clean path (use %q): %w", field, p, filepath.Clean(p), ErrInvalidArgument)
+	}
+	if strings.ContainsAny(p, ",:\\\n") {
+		return fmt.Errorf("%s %q: contains one of , : \\ or a newline, which an overlay mount cannot take: %w", field, p, ErrInvalidArgument)
+	}
+	st, err := os.Stat(p)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("%s %q: does not exist: %w", field, p, ErrInvalidArgument)
+		}
+		return fmt.Errorf("%s %q: %v: %w", field, p, err, ErrInvalidArgument)
+	}
+	if !st.IsDir() {
+		return fmt.Errorf("%s %q: not a directory: %w", field, p, ErrInvalidArgument)
+	}
+	return nil
+}
+
+// bundleProcess is what ferry takes from an OCI bundle's config.json.
+type bundleProcess struct {
+	rootfs   string
+	args     []string
+	env      []string
+	cwd      string
+	hostname string
+}
+
+func readBundle(dir string) (*bundleProcess, error) {
+	b, err := os.ReadFile(filepath.Join(dir, "config.json"))
+	if err != nil {
+		return nil, fmt.Errorf("bundle %q: %v: %w", dir, err, ErrInvalidArgument)
+	}
+	var s specs.Spec
+	if err := json.Unmarshal(b, &s); err != nil {
+		return nil, fmt.Errorf("bundle %q: config.json: %v: %w", dir, err, ErrInvalidArgument)
+	}
+	bp := &bundleProcess{hostname: s.Hostname}
+	root := "rootfs"
+	if s.Root != nil && s.Root.Path != "" {
+		root = s.Root.Path
+	}
+	if !filepath.IsAbs(root) {
+		root = filepath.Join(dir, root)
+	}
+	bp.rootfs = root
+	if s.Process != nil {
+		bp.args, bp.env, bp.cwd = s.Process.Args, s.Process.Env, s.Process.Cwd
+	}
+	return bp, nil
+}
+
+// NormalizeSpec validates s in place, fills defaults and reads the bundle.
+// defaultRootfs is used when neither rootfs nor bundle is given.
+func NormalizeSpec(s *Spec, defaultRootfs string) error {
+	if err := ValidateName(s.Name); err != nil {
+		return err
+	}
+	if s.Rootfs != "" && s.Bundle != "" {
+		return fmt.Errorf("rootfs %q and bundle %q: give one, not both: %w", s.Rootfs, s.Bundle, ErrInvalidArgument)
+	}
+	if s.Bundle != "" {
+		if err := validateDir("bundle", s.Bundle); err != nil {
+			return err
+		}
+		bp, err := readBundle(s.Bundle)
+		if err != nil {
+			return err
+		}
+		if err := validateDir("bundle rootfs", bp.rootfs); err != nil {
+			return err
+		}
+		s.Rootfs = bp.rootfs
+		if len(s.Args) == 0 {
+			s.Args = bp.args
+		}
+		s.Env = append(append([]string{}, bp.env...), s.Env...)
+		if s.Cwd == "" {
+			s.Cwd = bp.cwd
+		}
+		if s.Hostname == "" {
+			s.Hostname = bp.hostname
+		}
+	} else {
+		if s.Rootfs == "" {
+			s.Rootfs = defaultRootfs
+			if _, err := os.Stat(defaultRootfs); err != nil {
+				return fmt.Errorf("rootfs: none given and the default rootfs %q is missing (run make deps): %w", defaultRootfs, ErrFailedPrecondition)
+			}
+		}
+		if err := validateDir("rootfs", s.Rootfs); err != nil {
+			return err
+		}
+	}
+	if len(s.Args) == 0 {
+		s.Args = []string{"sh"}
+	}
+	for i, a := range s.Args {
+		if strings.ContainsRune(a, 0) {
+			return fmt.Errorf("args[%d] %q: contains a NUL byte: %w", i, a, ErrInvalidArgument)
+		}
+	}
+	if s.Cwd == "" {
+		s.Cwd = "/"
+	}
+	if !filepath.IsAbs(s.Cwd) {
+		return fmt.Errorf("cwd %q: not absolute: %w", s.Cwd, ErrInvalidArgument)
+	}
+	for _, e := range s.Env {
+		k, _, ok := strings.Cut(e, "=")
+		if !ok || !envKeyRE.MatchString(k) || strings.ContainsRune(e, 0) {
+			return fmt.Errorf("env %q: want KEY=VALUE with KEY matching %s: %w", e, envKeyRE, ErrInvalidArgument)
+		}
+	}
+	if s.Hostname == "" {
+		s.Hostname = s.Name
+	}
+	if len(s.Hostname) > 253 || !hostnameRE.MatchString(strings.ReplaceAll(s.Hostname, "_", "-")) {
+		return fmt.Errorf("hostname %q: not a valid host name: %w", s.Hostname, ErrInvalidArgument)
+	}
+	if s.IP != "" {
+		return fmt.Errorf("ip %q: pinning an address needs the host bridge, which this agent does not manage yet: %w", s.IP, ErrFailedPrecondition)
+	}
+	ns := sysctlguard.Namespaces{IPC: true, UTS: true, Net: true}
+	keys := make([]string, 0, len(s.Sysctls))
+	for k := range s.Sysctls {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		if err := sysctlguard.Validate(k, s.Sysctls[k], ns); err != nil {
+			return err
+		}
+	}
+	return s.Resources.Normalize()
+}
+
+// defaultCaps is the capability set of a ferry container: Docker's default
+// set. Notably absent: CAP_SYS_ADMIN, CAP_BPF, CAP_SYS_MODULE, CAP_SYS_PTRACE,
+// CAP_NET_ADMIN, CAP_SYS_RESOURCE.
+var defaultCaps = []string{
+	"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+	"CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+	"CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+}
+
+const defaultPath = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+// processEnv is the init process's environment: PATH and HOSTNAME, then the
+// request's variables (which may override them).
+func (s *Spec) processEnv() []string {
+	return append([]string{defaultPath, "HOSTNAME=" + s.Hostname}, s.Env...)
+}
+
+// OCISpec builds the container's OCI runtime spec: runc's defaults (masked
+// paths, read-only /proc/sys, no new privileges), private mount, UTS, IPC,
+// PID, network and cgroup namespaces, ferry's capability set.
+func OCISpec(s *Spec, rootfs, cgroupPath string) *specs.Spec {
+	o := specconv.Example()
+	o.Root = &specs.Root{Path: rootfs}
+	o.Hostname = s.Hostname
+	caps := append([]string(nil), defaultCaps...)
+	o.Process.Terminal = false
+	o.Process.Args = s.Args
+	o.Process.Cwd = s.Cwd
+	o.Process.Env = s.processEnv()
+	o.Process.Capabilities = &specs.LinuxCapabilities{Bounding: caps, Permitted: caps, Effective: caps}
+	o.Linux.CgroupsPath = cgroupPath
+	o.Linux.Sysctl = s.Sysctls
+	// specconv.Example already lists runc's masked paths and makes /proc/sys,
+	// /proc/sysrq-trigger, /proc/irq and /proc/bus read-only.
+	return o
+}
+
+// LibcontainerConfig converts the OCI spec and applies ferry's cgroup limits.
+func LibcontainerConfig(o *specs.Spec, res cgroup.Spec) (*configs.Config, error) {
+	cfg, err := specconv.CreateLibcontainerConfig(&specconv.CreateOpts{
+		CgroupName:   filepath.Base(o.Linux.CgroupsPath),
+		NoNewKeyring: true,
+		Spec:         o,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("convert OCI spec: %w", err)
+	}
+	r := res.Resources()
+	cr := cfg.Cgroups.Resources
+	cr.CpuShares, cr.CpuQuota, cr.CpuPeriod = r.CpuShares, r.CpuQuota, r.CpuPeriod
+	cr.Memory, cr.MemoryReservation, cr.PidsLimit = r.Memory, r.MemoryReservation, r.PidsLimit
+	return cfg, nil
+}

@@ -1,0 +1,394 @@
+// Command ferryctl is the operator CLI of the ferry node agent. It talks to
+// the local ferryd through the agent's public client package.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/ferry-agent/ferry/agent/api"
+	"github.com/ferry-agent/ferry/agent/client"
+	"github.com/ferry-agent/ferry/cgroup"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+// exitError carries an exit code out of a command (exec passes its process's through).
+type exitError struct{ code int }
+
+func (e exitError) Error() string { return fmt.Sprintf("exit status %d", e.code) }
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := rootCmd().ExecuteContext(ctx)
+	stop()
+	if err != nil {
+		var ee exitError
+		if errors.As(err, &ee) {
+			os.Exit(ee.code)
+		}
+		if st, ok := status.FromError(err); ok {
+			fmt.Fprintf(os.Stderr, "ferryctl: %s (%s)\n", st.Message(), st.Code())
+		} else {
+			fmt.Fprintln(os.Stderr, "ferryctl:", err)
+		}
+		os.Exit(1)
+	}
+}
+
+var socket string
+
+func dial() (*client.Client, error) { return client.DialUnix(socket) }
+
+func rootCmd() *cobra.Command {
+	root := &cobra.Command{
+		Use:           "ferryctl",
+		Short:         "Inspect and operate the ferry agent on this host",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	def := os.Getenv("FERRY_SOCKET")
+	if def == "" {
+		def = client.DefaultSocket
+	}
+	root.PersistentFlags().StringVar(&socket, "socket", def, "ferryd's local socket (env FERRY_SOCKET)")
+	root.AddCommand(runCmd(), psCmd(), inspectCmd(), logsCmd(), execCmd(), stopCmd(), rmCmd(), versionCmd())
+	return root
+}
+
+func runCmd() *cobra.Command {
+	var (
+		rootfs, bundle, cpuG, cpuL, memG, memL, hostname, ip string
+		pids                                                 int64
+		env, sysctls                                         []string
+	)
+	cmd := &cobra.Command{
+		Use:   "run NAME [flags] [-- CMD ARGS...]",
+		Short: "Create and start a container",
+		Long: `Create and start a container. The rootfs (default: the agent's built-in busybox rootfs)
+is the read-only lower layer of an overlay; the container writes to its own upper layer.
+Sizes take K/M/G/T (powers of 1024) or KB/MB/GB (powers of 1000); CPU is in cores
+(0.5, 2) or millicores (250m). The limit defaults to the guarantee.`,
+		Example: `  ferryctl run web -- sh -c 'while true; do date; sleep 1; done'
+  ferryctl run db --rootfs /srv/rootfs/db --mem-guarantee 256M --mem-limit 1G --cpu-guarantee 0.5 --cpu-limit 2`,
+		Args: cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			req := &api.RunContainerRequest{Name: args[0], Rootfs: rootfs, Bundle: bundle, Env: env,
+				Hostname: hostname, Ip: ip, PidsMax: pids, Args: args[1:],
+				Guarantee: &api.Resources{}, Ceiling: &api.Resources{}}
+			var err error
+			for _, f := range []struct {
+				flag, val string
+				dst       *float64
+			}{{"cpu-guarantee", cpuG, &req.Guarantee.CpuCores}, {"cpu-limit", cpuL, &req.Ceiling.CpuCores}} {
+				if f.val != "" {
+					if *f.dst, err = cgroup.ParseCPU(f.val); err != nil {
+						return fmt.Errorf("--%s: %w", f.flag, err)
+					}
+				}
+			}
+			for _, f := range []struct {
+				flag, val string
+				dst       *int64
+			}{{"mem-guarantee", memG, &req.Guarantee.MemoryBytes}, {"mem-limit", memL, &req.Ceiling.MemoryBytes}} {
+				if f.val != "" {
+					if *f.dst, err = cgroup.ParseSize(f.val); err != nil {
+						return fmt.Errorf("--%s: %w", f.flag, err)
+					}
+				}
+			}
+			if len(sysctls) > 0 {
+				req.Sysctls = map[string]string{}
+				for _, kv := range sysctls {
+					k, v, ok := strings.Cut(kv, "=")
+					if !ok {
+						return fmt.Errorf("--sysctl %q: want KEY=VALUE", kv)
+					}
+					req.Sysctls[k] = v
+				}
+			}
+			c, err := dial()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			ctr, err := c.RunContainer(cmd.Context(), req)
+			if err != nil {
+				return c.Explain(err)
+			}
+			fmt.Println(ctr.Name)
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&rootfs, "rootfs", "", "absolute path of the root filesystem (read-only lower layer)")
+	f.StringVar(&bundle, "bundle", "", "absolute path of an OCI bundle (config.json and its rootfs)")
+	f.StringVar(&cpuG, "cpu-guarantee", "", "CPU guarantee in cores")
+	f.StringVar(&cpuL, "cpu-limit", "", "CPU ceiling in cores")
+	f.StringVar(&memG, "mem-guarantee", "", "memory guarantee")
+	f.StringVar(&memL, "mem-limit", "", "memory ceiling")
+	f.Int64Var(&pids, "pids", 0, "maximum number of processes (0: no limit)")
+	f.StringArrayVar(&env, "env", nil, "environment variable KEY=VALUE (repeatable)")
+	f.StringVar(&hostname, "hostname", "", "host name (default: the container's name)")
+	f.StringArrayVar(&sysctls, "sysctl", nil, "namespaced sysctl KEY=VALUE (repeatable)")
+	f.StringVar(&ip, "ip", "", "pin the container's address")
+	return cmd
+}
+
+func marshalJSON(m proto.Message) ([]byte, error) {
+	return protojson.MarshalOptions{UseProtoNames: true, EmitUnpopulated: true, Multiline: true, Indent: "  "}.Marshal(m)
+}
+
+func psCmd() *cobra.Command {
+	var output string
+	cmd := &cobra.Command{
+		Use:   "ps",
+		Short: "List containers",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := dial()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			resp, err := c.ListContainers(cmd.Context(), &api.ListContainersRequest{})
+			if err != nil {
+				return c.Explain(err)
+			}
+			switch output {
+			case "json":
+				items := make([]json.RawMessage, 0, len(resp.Containers))
+				for _, ct := range resp.Containers {
+					b, err := marshalJSON(ct)
+					if err != nil {
+						return err
+					}
+					items = append(items, b)
+				}
+				b, err := json.MarshalIndent(items, "", "  ")
+				if err != nil {
+					return err
+				}
+				fmt.Println(string(b))
+			case "table", "":
+				tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "NAME\tSTATE\tPID\tIP\tCPU G/L\tMEM G/L\tSTARTED\tCOMMAND")
+				for _, ct := range resp.Containers {
+					state := ct.State
+					if ct.State == "exited" || ct.State == "stopped" {
+						state = fmt.Sprintf("%s (%d)", ct.State, ct.ExitCode)
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", ct.Name, state, ct.Pid, dash(ct.Ip),
+						cpuPair(ct.Guarantee, ct.Ceiling), memPair(ct.Guarantee, ct.Ceiling), since(ct.StartedAt), strings.Join(ct.Args, " "))
+				}
+				return tw.Flush()
+			default:
+				return fmt.Errorf("-o %q: want table or json", output)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
+	return cmd
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func cpuPair(g, l *api.Resources) string {
+	f := func(v float64) string {
+		if v == 0 {
+			return "-"
+		}
+		return fmt.Sprintf("%g", v)
+	}
+	return f(g.GetCpuCores()) + "/" + f(l.GetCpuCores())
+}
+
+func memPair(g, l *api.Resources) string {
+	f := func(v int64) string {
+		if v == 0 {
+			return "-"
+		}
+		return cgroup.FormatSize(v)
+	}
+	return f(g.GetMemoryBytes()) + "/" + f(l.GetMemoryBytes())
+}
+
+func since(ts string) string {
+	t, err := time.Parse(time.RFC3339Nano, ts)
+	if err != nil {
+		return "-"
+	}
+	return time.Since(t).Round(time.Second).String() + " ago"
+}
+
+func inspectCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "inspect NAME",
+		Short: "Show a container as JSON",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := dial()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			ct, err := c.GetContainer(cmd.Context(), &api.GetContainerRequest{Name: args[0]})
+			if err != nil {
+				return c.Explain(err)
+			}
+			b, err := marshalJSON(ct)
+			if err != nil {
+				return err
+			}
+			fmt.Println(string(b))
+			return nil
+		},
+	}
+}
+
+func logsCmd() *cobra.Command {
+	var follow bool
+	cmd := &cobra.Command{
+		Use:   "logs NAME",
+		Short: "Print a container's stdout and stderr",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := dial()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			err = c.Logs(cmd.Context(), args[0], follow, os.Stdout)
+			if err != nil && cmd.Context().Err() != nil {
+				return nil // interrupted while following
+			}
+			return err
+		},
+	}
+	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new output until the container ends")
+	return cmd
+}
+
+func execCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:     "exec NAME -- CMD [ARGS...]",
+		Short:   "Run a command in a running container; its output and exit code are passed through",
+		Example: "  ferryctl exec web -- cat /etc/hostname",
+		Args:    cobra.MinimumNArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := dial()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			res, err := c.Exec(cmd.Context(), args[0], args[1:], os.Stdout, os.Stderr)
+			if err != nil {
+				return err
+			}
+			if res.ExitCode != 0 {
+				return exitError{res.ExitCode}
+			}
+			return nil
+		},
+	}
+}
+
+func stopCmd() *cobra.Command {
+	var timeout time.Duration
+	cmd := &cobra.Command{
+		Use:   "stop NAME",
+		Short: "Stop a container: SIGTERM, then SIGKILL after the timeout",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if timeout < 0 {
+				return fmt.Errorf("--timeout %s: negative", timeout)
+			}
+			c, err := dial()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			ct, err := c.StopContainer(cmd.Context(), &api.StopContainerRequest{Name: args[0], TimeoutMs: timeout.Milliseconds()})
+			if err != nil {
+				return c.Explain(err)
+			}
+			fmt.Printf("%s %s (exit code %d)\n", ct.Name, ct.State, ct.ExitCode)
+			return nil
+		},
+	}
+	cmd.Flags().DurationVar(&timeout, "timeout", 10*time.Second, "time between SIGTERM and SIGKILL")
+	return cmd
+}
+
+func rmCmd() *cobra.Command {
+	var force bool
+	cmd := &cobra.Command{
+		Use:   "rm NAME...",
+		Short: "Remove containers (running ones only with -f)",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := dial()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			var errs []error
+			for _, n := range args {
+				if _, err := c.RemoveContainer(cmd.Context(), &api.RemoveContainerRequest{Name: n, Force: force}); err != nil {
+					errs = append(errs, c.Explain(err))
+					continue
+				}
+				fmt.Println(n)
+			}
+			return errors.Join(errs...)
+		},
+	}
+	cmd.Flags().BoolVarP(&force, "force", "f", false, "kill a running container first")
+	return cmd
+}
+
+func versionCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Show client and daemon versions, the CRIU version and the cgroup mode",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			fmt.Printf("client:      %s\n", version)
+			c, err := dial()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			v, err := c.Version(cmd.Context(), &api.VersionRequest{})
+			if err != nil {
+				return c.Explain(err)
+			}
+			rows := [][2]string{{"daemon", v.AgentVersion}, {"node", v.NodeName}, {"criu", v.CriuVersion},
+				{"cgroup", v.CgroupMode}, {"kernel", v.Kernel}, {"go", v.GoVersion}}
+			for _, r := range rows {
+				fmt.Printf("%-12s %s\n", r[0]+":", r[1])
+			}
+			return nil
+		},
+	}
+}

@@ -1,0 +1,296 @@
+// Command ferryd is the ferry node agent: it runs containers, keeps their
+// state on disk and reattaches to them when it restarts.
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/coreos/go-systemd/v22/daemon"
+	"github.com/opencontainers/runc/libcontainer"
+	_ "github.com/opencontainers/runc/libcontainer/nsenter" // the C constructor that joins namespaces in "ferryd init"
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+
+	"github.com/ferry-agent/ferry/agent"
+	"github.com/ferry-agent/ferry/agent/api"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func init() {
+	// libcontainer re-executes this binary as "ferryd init" inside the new
+	// container; that must happen before anything else runs.
+	if len(os.Args) > 1 && os.Args[1] == "init" {
+		libcontainer.Init()
+	}
+}
+
+type options struct {
+	config, root, runDir, socket, listen, tlsDir, nodeName, cgroupParent string
+	defaultRootfs, criu, logLevel, logFormat                              string
+	logMax                                                                int64
+}
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "monitor" {
+		os.Exit(agent.RunMonitor(os.Args[2:]))
+	}
+	if err := rootCmd().Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "ferryd:", err)
+		os.Exit(1)
+	}
+}
+
+func rootCmd() *cobra.Command {
+	var o options
+	host, _ := os.Hostname()
+	cmd := &cobra.Command{
+		Use:   "ferryd",
+		Short: "ferry node agent: runs cgroup-isolated containers and keeps them across its own restarts",
+		Long: `ferryd runs containers through runc's libcontainer, keeps their state under --root,
+and serves the ferry API on a root-only unix socket (and, with --listen, on TCP with
+mutual TLS for controllers and peers). Stopping ferryd leaves containers running; on
+start it reloads every container and reattaches to the running ones.
+
+Every flag can also be set in a JSON config file (--config) with the flag's name as
+key, e.g. {"root": "/var/lib/ferry", "log-max": 10485760}. Flags given on the
+command line win over the file.
+
+"ferryd init" and "ferryd monitor" are internal entry points (the container's
+init and its per-container monitor); they are not meant to be run by hand.`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		Args:          cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if o.config != "" {
+				if err := applyConfigFile(cmd.Flags(), o.config); err != nil {
+					return err
+				}
+			}
+			return serve(o)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.config, "config", "", "JSON config file with flag names as keys")
+	f.StringVar(&o.root, "root", "/var/lib/ferry", "state directory")
+	f.StringVar(&o.runDir, "run-dir", "/run/ferry", "runtime directory")
+	f.StringVar(&o.socket, "socket", "/run/ferry/ferryd.sock", "local API socket (mode 0600, root only)")
+	f.StringVar(&o.listen, "listen", "", "TCP address for controllers and peers, mutual TLS (off when empty)")
+	f.StringVar(&o.tlsDir, "tls-dir", "/etc/ferry/tls", "directory with ca.pem, node.pem and node-key.pem for --listen")
+	f.StringVar(&o.nodeName, "node-name", host, "this node's name")
+	f.StringVar(&o.cgroupParent, "cgroup-parent", "/ferry", "absolute cgroup path under which containers are created")
+	f.StringVar(&o.defaultRootfs, "default-rootfs", "/opt/ferry/rootfs/busybox", "rootfs used when a run names none")
+	f.StringVar(&o.criu, "criu", "criu", "CRIU binary")
+	f.Int64Var(&o.logMax, "log-max", 10<<20, "per-container log size cap in bytes (one rotated file is kept besides)")
+	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	f.StringVar(&o.logFormat, "log-format", "text", "text or json")
+	return cmd
+}
+
+// applyConfigFile sets every flag named in the JSON file that was not given
+// on the command line.
+func applyConfigFile(fs *pflag.FlagSet, path string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("config %s: %w", path, err)
+	}
+	var kv map[string]any
+	if err := json.Unmarshal(b, &kv); err != nil {
+		return fmt.Errorf("config %s: %w", path, err)
+	}
+	for k, v := range kv {
+		fl := fs.Lookup(k)
+		if fl == nil || k == "config" {
+			return fmt.Errorf("config %s: unknown key %q", path, k)
+		}
+		if fl.Changed {
+			continue
+		}
+		var s string
+		switch x := v.(type) {
+		case string:
+			s = x
+		case float64:
+			s = strconv.FormatFloat(x, 'f', -1, 64)
+		case bool:
+			s = strconv.FormatBool(x)
+		default:
+			return fmt.Errorf("config %s: key %q: want a string, number or bool", path, k)
+		}
+		if err := fs.Set(k, s); err != nil {
+			return fmt.Errorf("config %s: key %q value %q: %w", path, k, s, err)
+		}
+	}
+	return nil
+}
+
+func newLogger(level, format string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("log-level %q: %w", level, err)
+	}
+	ho := &slog.HandlerOptions{Level: l}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(os.Stderr, ho)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(os.Stderr, ho)), nil
+	}
+	return nil, fmt.Errorf("log-format %q: want text or json", format)
+}
+
+func serve(o options) error {
+	log, err := newLogger(o.logLevel, o.logFormat)
+	if err != nil {
+		return err
+	}
+	for _, d := range []string{o.root, o.runDir, filepath.Dir(o.socket)} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return fmt.Errorf("create %s: %w", d, err)
+		}
+	}
+	lock, err := lockRoot(o.root)
+	if err != nil {
+		return err
+	}
+	defer lock.Close()
+
+	a, err := agent.New(agent.Config{
+		Root: o.root, RunDir: o.runDir, NodeName: o.nodeName, CgroupParent: o.cgroupParent,
+		DefaultRootfs: o.defaultRootfs, CriuPath: o.criu, LogMax: o.logMax, Version: version,
+	}, log)
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	if err := a.Load(context.Background()); err != nil {
+		return err
+	}
+
+	srv := grpc.NewServer()
+	api.RegisterFerryServer(srv, agent.NewServer(a, log))
+	ul, err := listenUnix(o.socket)
+	if err != nil {
+		return err
+	}
+	errc := make(chan error, 2)
+	go func() { errc <- srv.Serve(ul) }()
+
+	if o.listen != "" {
+		creds, err := serverTLS(o.tlsDir)
+		if err != nil {
+			srv.Stop()
+			return err
+		}
+		tsrv := grpc.NewServer(grpc.Creds(creds))
+		api.RegisterFerryServer(tsrv, agent.NewServer(a, log))
+		tl, err := net.Listen("tcp", o.listen)
+		if err != nil {
+			srv.Stop()
+			return fmt.Errorf("listen %s: %w", o.listen, err)
+		}
+		go func() { errc <- tsrv.Serve(tl) }()
+		defer tsrv.Stop()
+		log.Info("serving controllers and peers with mutual TLS", "addr", tl.Addr().String())
+	}
+
+	log.Info("ferryd serving", "version", version, "socket", o.socket, "root", o.root, "node", o.nodeName)
+	if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
+		log.Warn("sd_notify", "err", err)
+	}
+
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	select {
+	case s := <-sigs:
+		log.Info("stopping; containers keep running", "signal", s.String())
+		_, _ = daemon.SdNotify(false, daemon.SdNotifyStopping)
+	case err := <-errc:
+		log.Error("server failed", "err", err)
+		srv.Stop()
+		return err
+	}
+	stopped := make(chan struct{})
+	go func() { srv.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(5 * time.Second):
+		srv.Stop()
+	}
+	return nil
+}
+
+// lockRoot makes sure one ferryd at a time uses root.
+func lockRoot(root string) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(root, "ferryd.lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("lock root: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		_ = f.Close()
+		return nil, fmt.Errorf("root %s is in use by another ferryd: %w", root, err)
+	}
+	return f, nil
+}
+
+// listenUnix listens on a root-only socket, replacing a stale one.
+func listenUnix(path string) (net.Listener, error) {
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		_ = c.Close()
+		return nil, fmt.Errorf("socket %s: another ferryd is serving on it", path)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("socket %s: remove stale: %w", path, err)
+	}
+	old := unix.Umask(0o177)
+	l, err := net.Listen("unix", path)
+	unix.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("socket %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		_ = l.Close()
+		return nil, fmt.Errorf("socket %s: %w", path, err)
+	}
+	return l, nil
+}
+
+// serverTLS loads the node's certificate and requires clients to present one
+// signed by the cluster CA.
+func serverTLS(dir string) (credentials.TransportCredentials, error) {
+	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, "node.pem"), filepath.Join(dir, "node-key.pem"))
+	if err != nil {
+		return nil, fmt.Errorf("tls-dir %s: %w", dir, err)
+	}
+	caPEM, err := os.ReadFile(filepath.Join(dir, "ca.pem"))
+	if err != nil {
+		return nil, fmt.Errorf("tls-dir %s: %w", dir, err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(caPEM) {
+		return nil, fmt.Errorf("tls-dir %s: ca.pem holds no certificate", dir)
+	}
+	return credentials.NewTLS(&tls.Config{
+		Certificates: []tls.Certificate{cert},
+		ClientCAs:    pool,
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		MinVersion:   tls.VersionTLS13,
+	}), nil
+}
