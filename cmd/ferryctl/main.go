@@ -16,8 +16,6 @@ import (
 
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/encoding/protojson"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/ferry-agent/ferry/agent/api"
 	"github.com/ferry-agent/ferry/agent/client"
@@ -149,8 +147,13 @@ Sizes take K/M/G/T (powers of 1024) or KB/MB/GB (powers of 1000); CPU is in core
 	return cmd
 }
 
-func marshalJSON(m proto.Message) ([]byte, error) {
-	return protojson.MarshalOptions{UseProtoNames: true, EmitUnpopulated: true, Multiline: true, Indent: "  "}.Marshal(m)
+func printJSON(v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	fmt.Println(string(b))
+	return nil
 }
 
 func psCmd() *cobra.Command {
@@ -160,6 +163,9 @@ func psCmd() *cobra.Command {
 		Short: "List containers",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if output != "table" && output != "json" {
+				return fmt.Errorf("-o %q: want table or json", output)
+			}
 			c, err := dial()
 			if err != nil {
 				return err
@@ -171,20 +177,12 @@ func psCmd() *cobra.Command {
 			}
 			switch output {
 			case "json":
-				items := make([]json.RawMessage, 0, len(resp.Containers))
+				items := make([]client.ContainerView, 0, len(resp.Containers))
 				for _, ct := range resp.Containers {
-					b, err := marshalJSON(ct)
-					if err != nil {
-						return err
-					}
-					items = append(items, b)
+					items = append(items, client.View(ct))
 				}
-				b, err := json.MarshalIndent(items, "", "  ")
-				if err != nil {
-					return err
-				}
-				fmt.Println(string(b))
-			case "table", "":
+				return printJSON(items)
+			default:
 				tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 				fmt.Fprintln(tw, "NAME\tSTATE\tPID\tIP\tCPU G/L\tMEM G/L\tSTARTED\tCOMMAND")
 				for _, ct := range resp.Containers {
@@ -196,10 +194,7 @@ func psCmd() *cobra.Command {
 						cpuPair(ct.Guarantee, ct.Ceiling), memPair(ct.Guarantee, ct.Ceiling), since(ct.StartedAt), strings.Join(ct.Args, " "))
 				}
 				return tw.Flush()
-			default:
-				return fmt.Errorf("-o %q: want table or json", output)
 			}
-			return nil
 		},
 	}
 	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
@@ -256,12 +251,7 @@ func inspectCmd() *cobra.Command {
 			if err != nil {
 				return c.Explain(err)
 			}
-			b, err := marshalJSON(ct)
-			if err != nil {
-				return err
-			}
-			fmt.Println(string(b))
-			return nil
+			return printJSON(client.View(ct))
 		},
 	}
 }

@@ -1,0 +1,381 @@
+package integration
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ferry-agent/ferry/internal/testenv"
+)
+
+var binDir string
+
+func TestMain(m *testing.M) {
+	code := func() int {
+		binDir = os.Getenv("FERRY_BIN")
+		if binDir == "" {
+			d, err := os.MkdirTemp("", "ferry-bin-")
+			if err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				return 1
+			}
+			defer os.RemoveAll(d)
+			for _, c := range []string{"ferryd", "ferryctl"} {
+				out, err := exec.Command("go", "build", "-o", filepath.Join(d, c), "../cmd/"+c).CombinedOutput()
+				if err != nil {
+					fmt.Fprintf(os.Stderr, "build %s: %v\n%s", c, err, out)
+					return 1
+				}
+			}
+			binDir = d
+		}
+		return m.Run()
+	}()
+	os.Exit(code)
+}
+
+const defaultRootfs = "/opt/ferry/rootfs/busybox"
+
+var cgroupSeq atomic.Int64
+
+// daemon is one ferryd under test with its own root, run dir, socket and
+// cgroup parent.
+type daemon struct {
+	t        *testing.T
+	name     string
+	root     string
+	runDir   string
+	socket   string
+	cgParent string
+	logPath  string
+	extra    []string
+	cmd      *exec.Cmd
+}
+
+// requireHost checks what every integration test needs.
+func requireHost(t *testing.T) {
+	t.Helper()
+	testenv.RequireRoot(t)
+	testenv.RequirePath(t, defaultRootfs+"/bin/busybox", "default rootfs missing (run make deps)")
+	testenv.RequirePath(t, "/sys/fs/cgroup/memory", "cgroup v1 memory hierarchy missing")
+}
+
+// newDaemon prepares (but does not start) a ferryd and registers cleanup of
+// everything it and its containers may leave on the host.
+func newDaemon(t *testing.T, name string, extra ...string) *daemon {
+	t.Helper()
+	base, err := os.MkdirTemp("", "ferry-it-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &daemon{
+		t: t, name: name, root: filepath.Join(base, "root"), runDir: filepath.Join(base, "run"),
+		cgParent: fmt.Sprintf("/ferry-it-%d-%d", os.Getpid(), cgroupSeq.Add(1)),
+		logPath:  filepath.Join(base, "ferryd.log"), extra: extra,
+	}
+	d.socket = filepath.Join(d.runDir, "ferryd.sock")
+	t.Cleanup(func() {
+		d.cleanup()
+		if t.Failed() {
+			if b, err := os.ReadFile(d.logPath); err == nil {
+				t.Logf("ferryd %s log:\n%s", name, lastLines(string(b), 60))
+			}
+		}
+		_ = os.RemoveAll(base)
+	})
+	return d
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+func (d *daemon) start() {
+	d.t.Helper()
+	args := append([]string{"--root", d.root, "--run-dir", d.runDir, "--socket", d.socket,
+		"--cgroup-parent", d.cgParent, "--node-name", d.name, "--log-level", "debug"}, d.extra...)
+	lf, err := os.OpenFile(d.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	defer lf.Close()
+	cmd := exec.Command(filepath.Join(binDir, "ferryd"), args...)
+	cmd.Stdout, cmd.Stderr = lf, lf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		d.t.Fatal(err)
+	}
+	d.cmd = cmd
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, _, code := d.ctl("version"); code == 0 {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	d.t.Fatalf("ferryd %s did not serve within 15s", d.name)
+}
+
+// kill9 kills ferryd with SIGKILL, as a crash would.
+func (d *daemon) kill9() {
+	d.t.Helper()
+	if d.cmd == nil {
+		return
+	}
+	_ = d.cmd.Process.Signal(syscall.SIGKILL)
+	_ = d.cmd.Wait()
+	d.cmd = nil
+}
+
+// stop sends SIGTERM and waits for a clean exit.
+func (d *daemon) stop() {
+	d.t.Helper()
+	if d.cmd == nil {
+		return
+	}
+	_ = d.cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan error, 1)
+	go func() { done <- d.cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			d.t.Errorf("ferryd %s exited with %v after SIGTERM", d.name, err)
+		}
+	case <-time.After(15 * time.Second):
+		_ = d.cmd.Process.Kill()
+		<-done
+		d.t.Errorf("ferryd %s did not exit within 15s of SIGTERM", d.name)
+	}
+	d.cmd = nil
+}
+
+// ctl runs ferryctl against this daemon.
+func (d *daemon) ctl(args ...string) (stdout, stderr string, code int) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(binDir, "ferryctl"), append([]string{"--socket", d.socket}, args...)...)
+	var o, e bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &o, &e
+	err := cmd.Run()
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+	case errors.As(err, &ee):
+		code = ee.ExitCode()
+	default:
+		d.t.Fatalf("ferryctl %v: %v", args, err)
+	}
+	return o.String(), e.String(), code
+}
+
+func (d *daemon) mustCtl(args ...string) string {
+	d.t.Helper()
+	out, errOut, code := d.ctl(args...)
+	if code != 0 {
+		d.t.Fatalf("ferryctl %s: exit %d: %s%s", strings.Join(args, " "), code, errOut, out)
+	}
+	return out
+}
+
+// container is what `ferryctl inspect` prints.
+type container struct {
+	Name      string `json:"name"`
+	State     string `json:"state"`
+	Pid       int    `json:"pid"`
+	ExitCode  int    `json:"exit_code"`
+	IP        string `json:"ip"`
+	MAC       string `json:"mac"`
+	Cgroup    string `json:"cgroup"`
+	StartedAt string `json:"started_at"`
+	Guarantee struct {
+		CPU    float64 `json:"cpu_cores"`
+		Memory int64   `json:"memory_bytes"`
+	} `json:"guarantee"`
+	Ceiling struct {
+		CPU    float64 `json:"cpu_cores"`
+		Memory int64   `json:"memory_bytes"`
+	} `json:"ceiling"`
+	StatusReason string `json:"status_reason"`
+}
+
+func (d *daemon) inspect(name string) container {
+	d.t.Helper()
+	var c container
+	out := d.mustCtl("inspect", name)
+	if err := json.Unmarshal([]byte(out), &c); err != nil {
+		d.t.Fatalf("inspect %s: %v\n%s", name, err, out)
+	}
+	return c
+}
+
+func (d *daemon) waitState(name, state string, within time.Duration) container {
+	d.t.Helper()
+	deadline := time.Now().Add(within)
+	var c container
+	for time.Now().Before(deadline) {
+		c = d.inspect(name)
+		if c.State == state {
+			return c
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	d.t.Fatalf("container %s: state %q after %s, want %q", name, c.State, within, state)
+	return c
+}
+
+// cleanup removes everything this daemon may have left: containers,
+// monitors, mounts, cgroups, state.
+func (d *daemon) cleanup() {
+	if d.cmd != nil {
+		if out, _, code := d.ctl("ps", "-o", "json"); code == 0 {
+			var cs []container
+			_ = json.Unmarshal([]byte(out), &cs)
+			for _, c := range cs {
+				d.ctl("rm", "-f", c.Name)
+			}
+		}
+		d.kill9()
+	}
+	killProcsMatching(d.root)
+	for _, m := range mountsUnder(d.root) {
+		_ = syscall.Unmount(m, syscall.MNT_DETACH)
+	}
+	removeCgroupTree(d.cgParent)
+}
+
+// killProcsMatching SIGKILLs every process whose command line mentions s
+// (monitors of this daemon's root) and the processes in their cgroups.
+func killProcsMatching(s string) {
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		var pid int
+		if _, err := fmt.Sscanf(e.Name(), "%d", &pid); err != nil || pid == os.Getpid() {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		if err == nil && bytes.Contains(b, []byte(s)) {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+}
+
+var hierarchies = []string{"memory", "cpu", "cpuacct", "pids", "devices", "freezer", "blkio", "cpuset", "unified", "systemd"}
+
+// cgroupDirs lists every cgroup directory at or below parent, in any hierarchy.
+func cgroupDirs(parent string) []string {
+	var out []string
+	for _, h := range hierarchies {
+		root := filepath.Join("/sys/fs/cgroup", h, parent)
+		_ = filepath.WalkDir(root, func(p string, de os.DirEntry, err error) error {
+			if err == nil && de.IsDir() {
+				out = append(out, p)
+			}
+			return nil
+		})
+	}
+	return out
+}
+
+func removeCgroupTree(parent string) {
+	dirs := cgroupDirs(parent)
+	for i := len(dirs) - 1; i >= 0; i-- {
+		if b, err := os.ReadFile(filepath.Join(dirs[i], "cgroup.procs")); err == nil {
+			for _, f := range strings.Fields(string(b)) {
+				var pid int
+				if _, err := fmt.Sscanf(f, "%d", &pid); err == nil {
+					_ = syscall.Kill(pid, syscall.SIGKILL)
+				}
+			}
+		}
+	}
+	for try := 0; try < 50; try++ {
+		left := 0
+		for i := len(dirs) - 1; i >= 0; i-- {
+			if err := os.Remove(dirs[i]); err != nil && !errors.Is(err, os.ErrNotExist) {
+				left++
+			}
+		}
+		if left == 0 {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// mountsUnder lists mount points at or below dir, deepest first.
+func mountsUnder(dir string) []string {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	var out []string
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) > 4 && (fields[4] == dir || strings.HasPrefix(fields[4], dir+"/")) {
+			out = append([]string{fields[4]}, out...)
+		}
+	}
+	return out
+}
+
+// assertNoTrace fails t if anything of container name is left on the host.
+func (d *daemon) assertNoTrace(t *testing.T, name string) {
+	t.Helper()
+	for _, h := range hierarchies {
+		p := filepath.Join("/sys/fs/cgroup", h, d.cgParent, name)
+		if _, err := os.Stat(p); err == nil {
+			t.Errorf("container %s: cgroup %s left behind", name, p)
+		}
+	}
+	if ms := mountsUnder(filepath.Join(d.root, "containers", name)); len(ms) > 0 {
+		t.Errorf("container %s: mounts left behind: %v", name, ms)
+	}
+	for _, p := range []string{filepath.Join(d.root, "containers", name), filepath.Join(d.runDir, "libcontainer", name)} {
+		if _, err := os.Stat(p); err == nil {
+			t.Errorf("container %s: %s left behind", name, p)
+		}
+	}
+}
+
+var codeRE = regexp.MustCompile(`\(([A-Za-z]+)\)\s*$`)
+
+// grpcCode extracts the gRPC code ferryctl prints at the end of an error.
+func grpcCode(stderr string) string {
+	m := codeRE.FindStringSubmatch(strings.TrimSpace(stderr))
+	if m == nil {
+		return ""
+	}
+	return m[1]
+}
+
+// pidAlive reports whether pid exists and is not a zombie.
+func pidAlive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	i := bytes.LastIndexByte(b, ')')
+	return i > 0 && len(b) > i+2 && b[i+2] != 'Z'
+}
+
+func execCommand(name string, args ...string) *exec.Cmd {
+	return exec.Command(name, args...)
+}
