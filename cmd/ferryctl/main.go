@@ -148,12 +148,10 @@ Sizes take K/M/G/T (powers of 1024) or KB/MB/GB (powers of 1000); CPU is in core
 }
 
 func printJSON(v any) error {
-	b, err := json.MarshalIndent(v, "", "  ")
-	if err != nil {
-		return err
-	}
-	fmt.Println(string(b))
-	return nil
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetEscapeHTML(false)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
 }
 
 func psCmd() *cobra.Command {
