@@ -345,10 +345,11 @@ func (a *Agent) Run(ctx context.Context, spec Spec) (_ *container, retErr error)
 	a.mu.Lock()
 	c.init, c.creating, c.exited = ii, false, make(chan struct{})
 	a.mu.Unlock()
-	a.watchers.Add(1)
+	// The monitor is our child until ferryd restarts: reap it and learn the
+	// exit at once. Close does not wait for this goroutine; a ferryd that
+	// exits leaves the monitor to its new parent.
 	go func() {
-		defer a.watchers.Done()
-		_ = cmd.Wait() // the monitor is our child until ferryd restarts
+		_ = cmd.Wait()
 		a.finishExit(c)
 	}()
 	log.Info("container running", "pid", ii.Pid, "cgroup", c.rec.Cgroup)

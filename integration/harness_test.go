@@ -61,6 +61,7 @@ type daemon struct {
 	cgParent string
 	logPath  string
 	extra    []string
+	env      []string // added to ferryd's environment
 	cmd      *exec.Cmd
 }
 
@@ -117,6 +118,7 @@ func (d *daemon) start() {
 	defer lf.Close()
 	cmd := exec.Command(filepath.Join(binDir, "ferryd"), args...)
 	cmd.Stdout, cmd.Stderr = lf, lf
+	cmd.Env = append(os.Environ(), d.env...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		d.t.Fatal(err)

@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -214,3 +215,36 @@ func runCmd(name string, args ...string) (string, error) {
 	return string(b), err
 }
 
+// TestSIGTERMLeavesContainersAndNotifiesReady: ferryd tells systemd it is
+// ready once it serves, and a clean stop (SIGTERM) leaves containers running.
+func TestSIGTERMLeavesContainersAndNotifiesReady(t *testing.T) {
+	requireHost(t)
+	sock := filepath.Join(t.TempDir(), "notify.sock")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	d := newDaemon(t, "a")
+	d.env = []string{"NOTIFY_SOCKET=" + sock}
+	d.start()
+	_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	buf := make([]byte, 256)
+	n, err := conn.Read(buf)
+	if err != nil || !strings.Contains(string(buf[:n]), "READY=1") {
+		t.Fatalf("sd_notify: got %q, %v; want READY=1", buf[:n], err)
+	}
+
+	d.mustCtl("run", "keeper", "--", "sleep", "1000")
+	pid := d.inspect("keeper").Pid
+	d.stop()
+	if !pidAlive(pid) {
+		t.Fatal("SIGTERM to ferryd killed the container")
+	}
+	d.start()
+	if c := d.inspect("keeper"); c.State != "running" || c.Pid != pid {
+		t.Fatalf("after restart: %s pid %d, want running %d", c.State, c.Pid, pid)
+	}
+	d.mustCtl("rm", "-f", "keeper")
+	d.assertNoTrace(t, "keeper")
+}

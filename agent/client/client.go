@@ -4,13 +4,18 @@ package client
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
+	"path/filepath"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
@@ -115,4 +120,33 @@ func (c *Client) Logs(ctx context.Context, name string, follow bool, w io.Writer
 			return err
 		}
 	}
+}
+
+// DialTLS connects to a ferryd's --listen address with mutual TLS, using
+// the ca.pem, node.pem and node-key.pem in tlsDir (a node's or a
+// controller's folder made by `ferryctl certs`). The server must present a
+// certificate from the same CA valid for the address's host.
+func DialTLS(addr, tlsDir string) (*Client, error) {
+	cert, err := tls.LoadX509KeyPair(filepath.Join(tlsDir, "node.pem"), filepath.Join(tlsDir, "node-key.pem"))
+	if err != nil {
+		return nil, fmt.Errorf("tls-dir %s: %w", tlsDir, err)
+	}
+	caPEM, err := os.ReadFile(filepath.Join(tlsDir, "ca.pem"))
+	if err != nil {
+		return nil, fmt.Errorf("tls-dir %s: %w", tlsDir, err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(caPEM) {
+		return nil, fmt.Errorf("tls-dir %s: ca.pem holds no certificate", tlsDir)
+	}
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("address %q: want HOST:PORT: %w", addr, err)
+	}
+	creds := credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, ServerName: host, MinVersion: tls.VersionTLS13})
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
+	if err != nil {
+		return nil, fmt.Errorf("address %q: %w", addr, err)
+	}
+	return &Client{FerryClient: api.NewFerryClient(conn), conn: conn, target: addr}, nil
 }

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -20,6 +21,7 @@ import (
 	"github.com/ferry-agent/ferry/agent/api"
 	"github.com/ferry-agent/ferry/agent/client"
 	"github.com/ferry-agent/ferry/cgroup"
+	"github.com/ferry-agent/ferry/internal/pki"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -64,7 +66,7 @@ func rootCmd() *cobra.Command {
 		def = client.DefaultSocket
 	}
 	root.PersistentFlags().StringVar(&socket, "socket", def, "ferryd's local socket (env FERRY_SOCKET)")
-	root.AddCommand(runCmd(), psCmd(), inspectCmd(), logsCmd(), execCmd(), stopCmd(), rmCmd(), versionCmd())
+	root.AddCommand(runCmd(), psCmd(), inspectCmd(), logsCmd(), execCmd(), stopCmd(), rmCmd(), versionCmd(), certsCmd())
 	return root
 }
 
@@ -379,4 +381,51 @@ func versionCmd() *cobra.Command {
 			return nil
 		},
 	}
+}
+
+func certsCmd() *cobra.Command {
+	var (
+		nodes    []string
+		validity time.Duration
+	)
+	cmd := &cobra.Command{
+		Use:   "certs DIR --node NAME[=SAN,...]...",
+		Short: "Create a cluster CA in DIR (if none) and a certificate folder DIR/NAME per node or controller",
+		Long: `Create a cluster CA in DIR (ca.pem, ca-key.pem) unless one is there, and for each --node
+a folder DIR/NAME with ca.pem, node.pem and node-key.pem: the folder that node's
+ferryd --tls-dir takes, or a controller's client identity. Each certificate is valid
+as TLS server and client for NAME, localhost, 127.0.0.1, ::1 and the extra names or
+IP addresses after "=". Keep ca-key.pem safe: whoever holds it can join the cluster.`,
+		Example: `  ferryctl certs /etc/ferry/pki --node host-a=10.0.0.1 --node host-b=10.0.0.2 --node controller`,
+		Args:    cobra.ExactArgs(1),
+		RunE: func(_ *cobra.Command, args []string) error {
+			if len(nodes) == 0 {
+				return errors.New("--node: at least one node or controller name is needed")
+			}
+			now := time.Now()
+			ca, created, err := pki.LoadOrCreateCA(args[0], now)
+			if err != nil {
+				return err
+			}
+			if created {
+				fmt.Printf("created cluster CA %s\n", filepath.Join(args[0], pki.CAFile))
+			}
+			for _, n := range nodes {
+				name, sanList, _ := strings.Cut(n, "=")
+				var sans []string
+				if sanList != "" {
+					sans = strings.Split(sanList, ",")
+				}
+				out, err := ca.IssueNode(args[0], name, sans, validity, now)
+				if err != nil {
+					return fmt.Errorf("--node %q: %w", n, err)
+				}
+				fmt.Println(out)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringArrayVar(&nodes, "node", nil, "node or controller NAME, optionally =SAN,SAN (IP addresses or DNS names); repeatable")
+	cmd.Flags().DurationVar(&validity, "validity", 2*365*24*time.Hour, "certificate validity")
+	return cmd
 }

@@ -4,8 +4,6 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -25,7 +23,6 @@ import (
 	"github.com/spf13/pflag"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
 
 	"github.com/ferry-agent/ferry/agent"
 	"github.com/ferry-agent/ferry/agent/api"
@@ -44,8 +41,8 @@ func init() {
 
 type options struct {
 	config, root, runDir, socket, listen, tlsDir, nodeName, cgroupParent string
-	defaultRootfs, criu, logLevel, logFormat                              string
-	logMax                                                                int64
+	defaultRootfs, criu, logLevel, logFormat                             string
+	logMax                                                               int64
 }
 
 func main() {
@@ -194,12 +191,12 @@ func serve(o options) error {
 	go func() { errc <- srv.Serve(ul) }()
 
 	if o.listen != "" {
-		creds, err := serverTLS(o.tlsDir)
+		topts, err := agent.TLSServerOptions(o.tlsDir)
 		if err != nil {
 			srv.Stop()
 			return err
 		}
-		tsrv := grpc.NewServer(grpc.Creds(creds))
+		tsrv := grpc.NewServer(topts...)
 		api.RegisterFerryServer(tsrv, agent.NewServer(a, log))
 		tl, err := net.Listen("tcp", o.listen)
 		if err != nil {
@@ -270,27 +267,4 @@ func listenUnix(path string) (net.Listener, error) {
 		return nil, fmt.Errorf("socket %s: %w", path, err)
 	}
 	return l, nil
-}
-
-// serverTLS loads the node's certificate and requires clients to present one
-// signed by the cluster CA.
-func serverTLS(dir string) (credentials.TransportCredentials, error) {
-	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, "node.pem"), filepath.Join(dir, "node-key.pem"))
-	if err != nil {
-		return nil, fmt.Errorf("tls-dir %s: %w", dir, err)
-	}
-	caPEM, err := os.ReadFile(filepath.Join(dir, "ca.pem"))
-	if err != nil {
-		return nil, fmt.Errorf("tls-dir %s: %w", dir, err)
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(caPEM) {
-		return nil, fmt.Errorf("tls-dir %s: ca.pem holds no certificate", dir)
-	}
-	return credentials.NewTLS(&tls.Config{
-		Certificates: []tls.Certificate{cert},
-		ClientCAs:    pool,
-		ClientAuth:   tls.RequireAndVerifyClientCert,
-		MinVersion:   tls.VersionTLS13,
-	}), nil
 }
