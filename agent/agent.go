@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -101,6 +102,7 @@ type Agent struct {
 	criuVersion string
 	watchers    sync.WaitGroup
 	done        chan struct{}
+	events      *eventBus
 }
 
 // New prepares the agent's directories. Call Load before serving.
@@ -124,6 +126,7 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 		crDir:  filepath.Join(cfg.Root, "containers"),
 		ctrs:   map[string]*container{},
 		done:   make(chan struct{}),
+		events: newEventBus(1024),
 	}
 	for _, d := range []string{a.crDir, a.lcRoot} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
@@ -178,6 +181,8 @@ func (a *Agent) Load(ctx context.Context) error {
 		}
 		a.ctrs[c.name] = c
 		a.log.Info("reloaded container", "container", c.name, "state", c.state(), "pid", pidOf(c))
+		a.events.Publish(Event{Type: EventContainerReload, Container: c.name, Message: "reloaded from disk: " + c.state(),
+			Attrs: map[string]string{"state": c.state(), "pid": strconv.Itoa(pidOf(c))}})
 	}
 	// libcontainer state with no ferry container is a leftover of a crash.
 	lcs, _ := os.ReadDir(a.lcRoot)
@@ -259,6 +264,9 @@ func (a *Agent) finishExit(c *container) {
 		c.reason = "exit status unknown: the container's monitor ended without recording it"
 	}
 	a.log.Info("container ended", "container", c.name, "exit_code", c.exit.ExitCode, "state", c.state())
+	a.events.Publish(Event{Type: EventContainerExited, Container: c.name,
+		Message: fmt.Sprintf("%s with exit code %d", c.state(), c.exit.ExitCode),
+		Attrs:   map[string]string{"exit_code": strconv.Itoa(c.exit.ExitCode), "state": c.state()}})
 	if c.exited != nil {
 		select {
 		case <-c.exited:
@@ -353,6 +361,8 @@ func (a *Agent) Run(ctx context.Context, spec Spec) (_ *container, retErr error)
 		a.finishExit(c)
 	}()
 	log.Info("container running", "pid", ii.Pid, "cgroup", c.rec.Cgroup)
+	a.events.Publish(Event{Type: EventContainerStarted, Container: c.name, Message: "running",
+		Attrs: map[string]string{"pid": strconv.Itoa(ii.Pid), "cgroup": c.rec.Cgroup}})
 	return c, nil
 }
 
@@ -572,6 +582,7 @@ func (a *Agent) Remove(ctx context.Context, name string, force bool) error {
 	delete(a.ctrs, name)
 	a.mu.Unlock()
 	a.log.Info("container removed", "container", name)
+	a.events.Publish(Event{Type: EventContainerRemoved, Container: name, Message: "removed"})
 	return nil
 }
 
@@ -754,3 +765,11 @@ type VersionInfo struct {
 func (a *Agent) Version() VersionInfo {
 	return VersionInfo{Agent: a.cfg.Version, Node: a.cfg.NodeName, Criu: a.criuVersion, CgroupMode: cgroup.Mode()}
 }
+
+// SubscribeEvents returns recent events (with replay) and a channel of new ones.
+func (a *Agent) SubscribeEvents(ctx context.Context, replay bool) ([]Event, <-chan Event) {
+	return a.events.Subscribe(ctx, replay)
+}
+
+// PublishEvent publishes an event from another part of the agent.
+func (a *Agent) PublishEvent(e Event) Event { return a.events.Publish(e) }

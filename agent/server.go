@@ -171,3 +171,35 @@ func (a *Agent) toAPI(c *container) *api.Container {
 	}
 	return out
 }
+
+// Events implements api.FerryServer.
+func (s *Server) Events(req *api.EventsRequest, stream api.Ferry_EventsServer) error {
+	want := map[string]bool{}
+	for _, t := range req.GetTypes() {
+		want[t] = true
+	}
+	send := func(e Event) error {
+		if len(want) > 0 && !want[e.Type] {
+			return nil
+		}
+		return stream.Send(&api.Event{Time: ts(e.Time), Type: e.Type, Container: e.Container,
+			Message: e.Message, Attributes: e.Attrs, Seq: e.Seq})
+	}
+	ctx, cancel := context.WithCancel(stream.Context())
+	defer cancel()
+	past, ch := s.a.SubscribeEvents(ctx, req.GetReplay())
+	for _, e := range past {
+		if err := send(e); err != nil {
+			return err
+		}
+	}
+	if req.GetNoFollow() {
+		return nil
+	}
+	for e := range ch {
+		if err := send(e); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -1034,6 +1034,157 @@ func (x *LogChunk) GetData() []byte {
 	return nil
 }
 
+type EventsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Replay the agent's recent events (up to its in-memory history) before new ones.
+	Replay bool `protobuf:"varint,1,opt,name=replay,proto3" json:"replay,omitempty"`
+	// Stop after the replay instead of following.
+	NoFollow bool `protobuf:"varint,2,opt,name=no_follow,json=noFollow,proto3" json:"no_follow,omitempty"`
+	// Only events of these types (empty: all).
+	Types         []string `protobuf:"bytes,3,rep,name=types,proto3" json:"types,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EventsRequest) Reset() {
+	*x = EventsRequest{}
+	mi := &file_ferry_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EventsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EventsRequest) ProtoMessage() {}
+
+func (x *EventsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
+func (*EventsRequest) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *EventsRequest) GetReplay() bool {
+	if x != nil {
+		return x.Replay
+	}
+	return false
+}
+
+func (x *EventsRequest) GetNoFollow() bool {
+	if x != nil {
+		return x.NoFollow
+	}
+	return false
+}
+
+func (x *EventsRequest) GetTypes() []string {
+	if x != nil {
+		return x.Types
+	}
+	return nil
+}
+
+type Event struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// RFC 3339 with nanoseconds.
+	Time string `protobuf:"bytes,1,opt,name=time,proto3" json:"time,omitempty"`
+	// e.g. container.started, container.exited, container.removed, node.hardened, node.relaxed, sysctl.denied
+	Type string `protobuf:"bytes,2,opt,name=type,proto3" json:"type,omitempty"`
+	// The container concerned; empty for node events.
+	Container  string            `protobuf:"bytes,3,opt,name=container,proto3" json:"container,omitempty"`
+	Message    string            `protobuf:"bytes,4,opt,name=message,proto3" json:"message,omitempty"`
+	Attributes map[string]string `protobuf:"bytes,5,rep,name=attributes,proto3" json:"attributes,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Increases by one per event published by this agent since it started.
+	Seq           uint64 `protobuf:"varint,6,opt,name=seq,proto3" json:"seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Event) Reset() {
+	*x = Event{}
+	mi := &file_ferry_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Event) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Event) ProtoMessage() {}
+
+func (x *Event) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Event.ProtoReflect.Descriptor instead.
+func (*Event) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *Event) GetTime() string {
+	if x != nil {
+		return x.Time
+	}
+	return ""
+}
+
+func (x *Event) GetType() string {
+	if x != nil {
+		return x.Type
+	}
+	return ""
+}
+
+func (x *Event) GetContainer() string {
+	if x != nil {
+		return x.Container
+	}
+	return ""
+}
+
+func (x *Event) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *Event) GetAttributes() map[string]string {
+	if x != nil {
+		return x.Attributes
+	}
+	return nil
+}
+
+func (x *Event) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
 var File_ferry_proto protoreflect.FileDescriptor
 
 const file_ferry_proto_rawDesc = "" +
@@ -1123,7 +1274,23 @@ const file_ferry_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06follow\x18\x02 \x01(\bR\x06follow\"\x1e\n" +
 	"\bLogChunk\x12\x12\n" +
-	"\x04data\x18\x01 \x01(\fR\x04data2\xae\x04\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\"Z\n" +
+	"\rEventsRequest\x12\x16\n" +
+	"\x06replay\x18\x01 \x01(\bR\x06replay\x12\x1b\n" +
+	"\tno_follow\x18\x02 \x01(\bR\bnoFollow\x12\x14\n" +
+	"\x05types\x18\x03 \x03(\tR\x05types\"\xf9\x01\n" +
+	"\x05Event\x12\x12\n" +
+	"\x04time\x18\x01 \x01(\tR\x04time\x12\x12\n" +
+	"\x04type\x18\x02 \x01(\tR\x04type\x12\x1c\n" +
+	"\tcontainer\x18\x03 \x01(\tR\tcontainer\x12\x18\n" +
+	"\amessage\x18\x04 \x01(\tR\amessage\x12?\n" +
+	"\n" +
+	"attributes\x18\x05 \x03(\v2\x1f.ferry.v1.Event.AttributesEntryR\n" +
+	"attributes\x12\x10\n" +
+	"\x03seq\x18\x06 \x01(\x04R\x03seq\x1a=\n" +
+	"\x0fAttributesEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x012\xe4\x04\n" +
 	"\x05Ferry\x12>\n" +
 	"\aVersion\x12\x18.ferry.v1.VersionRequest\x1a\x19.ferry.v1.VersionResponse\x12B\n" +
 	"\fRunContainer\x12\x1d.ferry.v1.RunContainerRequest\x1a\x13.ferry.v1.Container\x12S\n" +
@@ -1132,7 +1299,8 @@ const file_ferry_proto_rawDesc = "" +
 	"\rStopContainer\x12\x1e.ferry.v1.StopContainerRequest\x1a\x13.ferry.v1.Container\x12V\n" +
 	"\x0fRemoveContainer\x12 .ferry.v1.RemoveContainerRequest\x1a!.ferry.v1.RemoveContainerResponse\x125\n" +
 	"\x04Exec\x12\x15.ferry.v1.ExecRequest\x1a\x14.ferry.v1.ExecOutput0\x01\x123\n" +
-	"\x04Logs\x12\x15.ferry.v1.LogsRequest\x1a\x12.ferry.v1.LogChunk0\x01B,Z*github.com/ferry-agent/ferry/agent/api;apib\x06proto3"
+	"\x04Logs\x12\x15.ferry.v1.LogsRequest\x1a\x12.ferry.v1.LogChunk0\x01\x124\n" +
+	"\x06Events\x12\x17.ferry.v1.EventsRequest\x1a\x0f.ferry.v1.Event0\x01B,Z*github.com/ferry-agent/ferry/agent/api;apib\x06proto3"
 
 var (
 	file_ferry_proto_rawDescOnce sync.Once
@@ -1146,7 +1314,7 @@ func file_ferry_proto_rawDescGZIP() []byte {
 	return file_ferry_proto_rawDescData
 }
 
-var file_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_ferry_proto_goTypes = []any{
 	(*VersionRequest)(nil),          // 0: ferry.v1.VersionRequest
 	(*VersionResponse)(nil),         // 1: ferry.v1.VersionResponse
@@ -1163,38 +1331,44 @@ var file_ferry_proto_goTypes = []any{
 	(*ExecOutput)(nil),              // 12: ferry.v1.ExecOutput
 	(*LogsRequest)(nil),             // 13: ferry.v1.LogsRequest
 	(*LogChunk)(nil),                // 14: ferry.v1.LogChunk
-	nil,                             // 15: ferry.v1.RunContainerRequest.SysctlsEntry
-	nil,                             // 16: ferry.v1.Container.SysctlsEntry
+	(*EventsRequest)(nil),           // 15: ferry.v1.EventsRequest
+	(*Event)(nil),                   // 16: ferry.v1.Event
+	nil,                             // 17: ferry.v1.RunContainerRequest.SysctlsEntry
+	nil,                             // 18: ferry.v1.Container.SysctlsEntry
+	nil,                             // 19: ferry.v1.Event.AttributesEntry
 }
 var file_ferry_proto_depIdxs = []int32{
 	2,  // 0: ferry.v1.RunContainerRequest.guarantee:type_name -> ferry.v1.Resources
 	2,  // 1: ferry.v1.RunContainerRequest.ceiling:type_name -> ferry.v1.Resources
-	15, // 2: ferry.v1.RunContainerRequest.sysctls:type_name -> ferry.v1.RunContainerRequest.SysctlsEntry
+	17, // 2: ferry.v1.RunContainerRequest.sysctls:type_name -> ferry.v1.RunContainerRequest.SysctlsEntry
 	2,  // 3: ferry.v1.Container.guarantee:type_name -> ferry.v1.Resources
 	2,  // 4: ferry.v1.Container.ceiling:type_name -> ferry.v1.Resources
-	16, // 5: ferry.v1.Container.sysctls:type_name -> ferry.v1.Container.SysctlsEntry
+	18, // 5: ferry.v1.Container.sysctls:type_name -> ferry.v1.Container.SysctlsEntry
 	4,  // 6: ferry.v1.ListContainersResponse.containers:type_name -> ferry.v1.Container
-	0,  // 7: ferry.v1.Ferry.Version:input_type -> ferry.v1.VersionRequest
-	3,  // 8: ferry.v1.Ferry.RunContainer:input_type -> ferry.v1.RunContainerRequest
-	5,  // 9: ferry.v1.Ferry.ListContainers:input_type -> ferry.v1.ListContainersRequest
-	7,  // 10: ferry.v1.Ferry.GetContainer:input_type -> ferry.v1.GetContainerRequest
-	8,  // 11: ferry.v1.Ferry.StopContainer:input_type -> ferry.v1.StopContainerRequest
-	9,  // 12: ferry.v1.Ferry.RemoveContainer:input_type -> ferry.v1.RemoveContainerRequest
-	11, // 13: ferry.v1.Ferry.Exec:input_type -> ferry.v1.ExecRequest
-	13, // 14: ferry.v1.Ferry.Logs:input_type -> ferry.v1.LogsRequest
-	1,  // 15: ferry.v1.Ferry.Version:output_type -> ferry.v1.VersionResponse
-	4,  // 16: ferry.v1.Ferry.RunContainer:output_type -> ferry.v1.Container
-	6,  // 17: ferry.v1.Ferry.ListContainers:output_type -> ferry.v1.ListContainersResponse
-	4,  // 18: ferry.v1.Ferry.GetContainer:output_type -> ferry.v1.Container
-	4,  // 19: ferry.v1.Ferry.StopContainer:output_type -> ferry.v1.Container
-	10, // 20: ferry.v1.Ferry.RemoveContainer:output_type -> ferry.v1.RemoveContainerResponse
-	12, // 21: ferry.v1.Ferry.Exec:output_type -> ferry.v1.ExecOutput
-	14, // 22: ferry.v1.Ferry.Logs:output_type -> ferry.v1.LogChunk
-	15, // [15:23] is the sub-list for method output_type
-	7,  // [7:15] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	19, // 7: ferry.v1.Event.attributes:type_name -> ferry.v1.Event.AttributesEntry
+	0,  // 8: ferry.v1.Ferry.Version:input_type -> ferry.v1.VersionRequest
+	3,  // 9: ferry.v1.Ferry.RunContainer:input_type -> ferry.v1.RunContainerRequest
+	5,  // 10: ferry.v1.Ferry.ListContainers:input_type -> ferry.v1.ListContainersRequest
+	7,  // 11: ferry.v1.Ferry.GetContainer:input_type -> ferry.v1.GetContainerRequest
+	8,  // 12: ferry.v1.Ferry.StopContainer:input_type -> ferry.v1.StopContainerRequest
+	9,  // 13: ferry.v1.Ferry.RemoveContainer:input_type -> ferry.v1.RemoveContainerRequest
+	11, // 14: ferry.v1.Ferry.Exec:input_type -> ferry.v1.ExecRequest
+	13, // 15: ferry.v1.Ferry.Logs:input_type -> ferry.v1.LogsRequest
+	15, // 16: ferry.v1.Ferry.Events:input_type -> ferry.v1.EventsRequest
+	1,  // 17: ferry.v1.Ferry.Version:output_type -> ferry.v1.VersionResponse
+	4,  // 18: ferry.v1.Ferry.RunContainer:output_type -> ferry.v1.Container
+	6,  // 19: ferry.v1.Ferry.ListContainers:output_type -> ferry.v1.ListContainersResponse
+	4,  // 20: ferry.v1.Ferry.GetContainer:output_type -> ferry.v1.Container
+	4,  // 21: ferry.v1.Ferry.StopContainer:output_type -> ferry.v1.Container
+	10, // 22: ferry.v1.Ferry.RemoveContainer:output_type -> ferry.v1.RemoveContainerResponse
+	12, // 23: ferry.v1.Ferry.Exec:output_type -> ferry.v1.ExecOutput
+	14, // 24: ferry.v1.Ferry.Logs:output_type -> ferry.v1.LogChunk
+	16, // 25: ferry.v1.Ferry.Events:output_type -> ferry.v1.Event
+	17, // [17:26] is the sub-list for method output_type
+	8,  // [8:17] is the sub-list for method input_type
+	8,  // [8:8] is the sub-list for extension type_name
+	8,  // [8:8] is the sub-list for extension extendee
+	0,  // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_ferry_proto_init() }
@@ -1213,7 +1387,7 @@ func file_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_proto_rawDesc), len(file_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   17,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

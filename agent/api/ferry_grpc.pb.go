@@ -30,6 +30,7 @@ const (
 	Ferry_RemoveContainer_FullMethodName = "/ferry.v1.Ferry/RemoveContainer"
 	Ferry_Exec_FullMethodName            = "/ferry.v1.Ferry/Exec"
 	Ferry_Logs_FullMethodName            = "/ferry.v1.Ferry/Logs"
+	Ferry_Events_FullMethodName          = "/ferry.v1.Ferry/Events"
 )
 
 // FerryClient is the client API for Ferry service.
@@ -52,6 +53,9 @@ type FerryClient interface {
 	Exec(ctx context.Context, in *ExecRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ExecOutput], error)
 	// Logs streams a container's captured stdout and stderr.
 	Logs(ctx context.Context, in *LogsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[LogChunk], error)
+	// Events streams the agent's events: container lifecycle, pressure
+	// transitions, denied sysctl writes. Recent events are replayed first.
+	Events(ctx context.Context, in *EventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Event], error)
 }
 
 type ferryClient struct {
@@ -160,6 +164,25 @@ func (c *ferryClient) Logs(ctx context.Context, in *LogsRequest, opts ...grpc.Ca
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Ferry_LogsClient = grpc.ServerStreamingClient[LogChunk]
 
+func (c *ferryClient) Events(ctx context.Context, in *EventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Event], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Ferry_ServiceDesc.Streams[2], Ferry_Events_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[EventsRequest, Event]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Ferry_EventsClient = grpc.ServerStreamingClient[Event]
+
 // FerryServer is the server API for Ferry service.
 // All implementations must embed UnimplementedFerryServer
 // for forward compatibility.
@@ -180,6 +203,9 @@ type FerryServer interface {
 	Exec(*ExecRequest, grpc.ServerStreamingServer[ExecOutput]) error
 	// Logs streams a container's captured stdout and stderr.
 	Logs(*LogsRequest, grpc.ServerStreamingServer[LogChunk]) error
+	// Events streams the agent's events: container lifecycle, pressure
+	// transitions, denied sysctl writes. Recent events are replayed first.
+	Events(*EventsRequest, grpc.ServerStreamingServer[Event]) error
 	mustEmbedUnimplementedFerryServer()
 }
 
@@ -213,6 +239,9 @@ func (UnimplementedFerryServer) Exec(*ExecRequest, grpc.ServerStreamingServer[Ex
 }
 func (UnimplementedFerryServer) Logs(*LogsRequest, grpc.ServerStreamingServer[LogChunk]) error {
 	return status.Errorf(codes.Unimplemented, "method Logs not implemented")
+}
+func (UnimplementedFerryServer) Events(*EventsRequest, grpc.ServerStreamingServer[Event]) error {
+	return status.Errorf(codes.Unimplemented, "method Events not implemented")
 }
 func (UnimplementedFerryServer) mustEmbedUnimplementedFerryServer() {}
 func (UnimplementedFerryServer) testEmbeddedByValue()               {}
@@ -365,6 +394,17 @@ func _Ferry_Logs_Handler(srv interface{}, stream grpc.ServerStream) error {
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Ferry_LogsServer = grpc.ServerStreamingServer[LogChunk]
 
+func _Ferry_Events_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(EventsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(FerryServer).Events(m, &grpc.GenericServerStream[EventsRequest, Event]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Ferry_EventsServer = grpc.ServerStreamingServer[Event]
+
 // Ferry_ServiceDesc is the grpc.ServiceDesc for Ferry service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -406,6 +446,11 @@ var Ferry_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "Logs",
 			Handler:       _Ferry_Logs_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "Events",
+			Handler:       _Ferry_Events_Handler,
 			ServerStreams: true,
 		},
 	},

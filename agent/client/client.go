@@ -33,7 +33,7 @@ type Client struct {
 }
 
 // ErrNotRunning means nothing listens at the socket.
-var ErrNotRunning = errors.New("ferryd not reachable")
+var ErrNotRunning = errors.New("cannot reach ferryd")
 
 // DialUnix connects to ferryd's local socket.
 func DialUnix(socket string) (*Client, error) {
@@ -41,7 +41,10 @@ func DialUnix(socket string) (*Client, error) {
 		socket = DefaultSocket
 	}
 	if _, err := os.Stat(socket); err != nil {
-		return nil, fmt.Errorf("socket %s: %v (is ferryd running?): %w", socket, err, ErrNotRunning)
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("%w: socket %s does not exist (is ferryd running? --socket or FERRY_SOCKET picks another)", ErrNotRunning, socket)
+		}
+		return nil, fmt.Errorf("%w: socket %s: %v", ErrNotRunning, socket, err)
 	}
 	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
@@ -63,7 +66,7 @@ func (c *Client) Explain(err error) error {
 		return nil
 	}
 	if st, ok := status.FromError(err); ok && st.Code() == codes.Unavailable {
-		return fmt.Errorf("cannot reach ferryd at %s (is it running?): %s: %w", c.target, st.Message(), ErrNotRunning)
+		return fmt.Errorf("%w at %s (is it running?): %s", ErrNotRunning, c.target, st.Message())
 	}
 	return err
 }

@@ -53,3 +53,23 @@ func View(c *api.Container) ContainerView {
 	}
 	return v
 }
+
+// EventJSON is the stable JSON form of an event (ferryctl events -o json).
+type EventJSON struct {
+	Seq        uint64            `json:"seq"`
+	Time       string            `json:"time"`
+	Type       string            `json:"type"`
+	Container  string            `json:"container"`
+	Message    string            `json:"message"`
+	Attributes map[string]string `json:"attributes"`
+}
+
+// EventView converts an API event to its JSON form.
+func EventView(e *api.Event) EventJSON {
+	v := EventJSON{Seq: e.GetSeq(), Time: e.GetTime(), Type: e.GetType(), Container: e.GetContainer(),
+		Message: e.GetMessage(), Attributes: e.GetAttributes()}
+	if v.Attributes == nil {
+		v.Attributes = map[string]string{}
+	}
+	return v
+}

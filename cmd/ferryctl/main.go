@@ -7,9 +7,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"sort"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -66,7 +68,7 @@ func rootCmd() *cobra.Command {
 		def = client.DefaultSocket
 	}
 	root.PersistentFlags().StringVar(&socket, "socket", def, "ferryd's local socket (env FERRY_SOCKET)")
-	root.AddCommand(runCmd(), psCmd(), inspectCmd(), logsCmd(), execCmd(), stopCmd(), rmCmd(), versionCmd(), certsCmd())
+	root.AddCommand(runCmd(), psCmd(), inspectCmd(), logsCmd(), execCmd(), stopCmd(), rmCmd(), versionCmd(), certsCmd(), eventsCmd())
 	return root
 }
 
@@ -427,5 +429,66 @@ IP addresses after "=". Keep ca-key.pem safe: whoever holds it can join the clus
 	}
 	cmd.Flags().StringArrayVar(&nodes, "node", nil, "node or controller NAME, optionally =SAN,SAN (IP addresses or DNS names); repeatable")
 	cmd.Flags().DurationVar(&validity, "validity", 2*365*24*time.Hour, "certificate validity")
+	return cmd
+}
+
+func eventsCmd() *cobra.Command {
+	var (
+		follow bool
+		types  []string
+		output string
+	)
+	cmd := &cobra.Command{
+		Use:   "events",
+		Short: "Stream the agent's events: recent ones first, then new ones as they happen",
+		Example: `  ferryctl events                       # history, then follow
+  ferryctl events --follow=false -o json  # history only, one JSON object per line
+  ferryctl events --type node.hardened --type node.relaxed`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if output != "text" && output != "json" {
+				return fmt.Errorf("-o %q: want text or json", output)
+			}
+			c, err := dial()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			s, err := c.FerryClient.Events(cmd.Context(), &api.EventsRequest{Replay: true, NoFollow: !follow, Types: types})
+			if err != nil {
+				return c.Explain(err)
+			}
+			enc := json.NewEncoder(os.Stdout)
+			enc.SetEscapeHTML(false)
+			for {
+				e, err := s.Recv()
+				if err == io.EOF || (err != nil && cmd.Context().Err() != nil) {
+					return nil
+				}
+				if err != nil {
+					return c.Explain(err)
+				}
+				if output == "json" {
+					if err := enc.Encode(client.EventView(e)); err != nil {
+						return err
+					}
+					continue
+				}
+				keys := make([]string, 0, len(e.Attributes))
+				for k := range e.Attributes {
+					keys = append(keys, k)
+				}
+				sort.Strings(keys)
+				var attrs []string
+				for _, k := range keys {
+					attrs = append(attrs, k+"="+e.Attributes[k])
+				}
+				fmt.Printf("%s  %-22s %-16s %s  %s\n", e.Time, e.Type, dash(e.Container), e.Message, strings.Join(attrs, " "))
+			}
+		},
+	}
+	cmd.Flags().BoolVarP(&follow, "follow", "f", true, "keep streaming new events")
+	cmd.Flags().StringArrayVar(&types, "type", nil, "only events of this type (repeatable)")
+	cmd.Flags().StringVarP(&output, "output", "o", "text", "text or json (one object per line)")
 	return cmd
 }
