@@ -40,10 +40,13 @@ demo: deps build ## the main job on built-in defaults: run, inspect, restart fer
 bench: deps build ## benchmarks side by side with the runc CLI (medians and ratios)
 	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m -v ./integration/...
 
-lint: ## gofmt, go vet and golangci-lint (errcheck, errorlint, gosec)
+GOLANGCI    := github.com/golangci/golangci-lint/v2/cmd/golangci-lint@v2.15.0
+
+lint: ## gofmt, go vet and golangci-lint (errcheck, errorlint, gosec; installs the pinned version once)
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
 	$(GO) vet ./...
-	@if command -v golangci-lint >/dev/null; then golangci-lint run ./...; else echo "lint: golangci-lint not installed; ran gofmt and go vet only"; fi
+	@test -x $(TOOLS)/golangci-lint || { echo "lint: installing $(GOLANGCI) (about 2 minutes, once)"; GOBIN=$(TOOLS) $(GO) install $(GOLANGCI); }
+	$(TOOLS)/golangci-lint run ./...
 
 clean: ## remove build output
 	rm -rf $(BIN)

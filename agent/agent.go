@@ -346,7 +346,7 @@ func (a *Agent) Run(ctx context.Context, spec Spec) (_ *container, retErr error)
 	ii, cmd, err := a.startMonitor(ctx, c.dir)
 	if err != nil {
 		if strings.Contains(err.Error(), "executable file not found") || strings.Contains(err.Error(), "no such file or directory") {
-			return nil, fmt.Errorf("container %q: args[0] %q: cannot be executed in the rootfs: %v: %w", spec.Name, spec.Args[0], err, ErrInvalidArgument)
+			return nil, fmt.Errorf("container %q: args[0] %q: cannot be executed in the rootfs: %w", spec.Name, spec.Args[0], errors.Join(err, ErrInvalidArgument))
 		}
 		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
 	}
@@ -372,7 +372,7 @@ func (a *Agent) startMonitor(ctx context.Context, dir string) (_ *initInfo, _ *e
 	if err != nil {
 		return nil, nil, fmt.Errorf("ready pipe: %w", err)
 	}
-	defer r.Close()
+	defer func() { _ = r.Close() }()
 	cmd, err := monitorCommand(a.cfg.Self, dir, a.lcRoot, a.cfg.LogMax, w)
 	if err != nil {
 		_ = w.Close()
@@ -421,7 +421,7 @@ func tail(path string, n int64) string {
 	if err != nil {
 		return err.Error()
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }()
 	if st, err := f.Stat(); err == nil && st.Size() > n {
 		_, _ = f.Seek(st.Size()-n, io.SeekStart)
 	}
@@ -485,7 +485,7 @@ func signalInit(ii *initInfo, sig unix.Signal) error {
 		}
 		return fmt.Errorf("pidfd_open %d: %w", ii.Pid, err)
 	}
-	defer unix.Close(fd)
+	defer func() { _ = unix.Close(fd) }()
 	if !proc.Alive(ii.Pid, ii.PidStart) {
 		return nil // gone, or the pid was reused: never signal a stranger
 	}
@@ -654,7 +654,7 @@ func (a *Agent) Exec(ctx context.Context, name string, args, env []string, out E
 	if runErr != nil {
 		copies.Wait()
 		if strings.Contains(runErr.Error(), "executable file not found") || strings.Contains(runErr.Error(), "no such file or directory") {
-			return 0, fmt.Errorf("container %q: exec %q: %v: %w", name, args[0], runErr, ErrInvalidArgument)
+			return 0, fmt.Errorf("container %q: exec %q: %w", name, args[0], errors.Join(runErr, ErrInvalidArgument))
 		}
 		return 0, fmt.Errorf("container %q: exec %q: %w", name, args[0], runErr)
 	}

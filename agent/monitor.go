@@ -124,7 +124,7 @@ func monitor(dir, lcRoot string, logMax int64, log *slog.Logger, started func(*i
 	if err != nil {
 		return 0, err
 	}
-	defer logOut.Close()
+	defer func() { _ = logOut.Close() }()
 	r, w, err := os.Pipe()
 	if err != nil {
 		return 0, fmt.Errorf("output pipe: %w", err)
@@ -183,7 +183,10 @@ func monitor(dir, lcRoot string, logMax int64, log *slog.Logger, started func(*i
 	}
 	// Output from processes that outlived init ends when the pipe closes.
 	select {
-	case <-copied:
+	case err := <-copied:
+		if err != nil {
+			log.Warn("copy output to log", "err", err)
+		}
 	case <-time.After(2 * time.Second):
 		_ = r.Close()
 	}

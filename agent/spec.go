@@ -72,7 +72,7 @@ func validateDir(field, p string) error {
 		if errors.Is(err, os.ErrNotExist) {
 			return fmt.Errorf("%s %q: does not exist: %w", field, p, ErrInvalidArgument)
 		}
-		return fmt.Errorf("%s %q: %v: %w", field, p, err, ErrInvalidArgument)
+		return fmt.Errorf("%s %q: %w: %w", field, p, err, ErrInvalidArgument)
 	}
 	if !st.IsDir() {
 		return fmt.Errorf("%s %q: not a directory: %w", field, p, ErrInvalidArgument)
@@ -92,11 +92,11 @@ type bundleProcess struct {
 func readBundle(dir string) (*bundleProcess, error) {
 	b, err := os.ReadFile(filepath.Join(dir, "config.json"))
 	if err != nil {
-		return nil, fmt.Errorf("bundle %q: %v: %w", dir, err, ErrInvalidArgument)
+		return nil, fmt.Errorf("bundle %q: %w: %w", dir, err, ErrInvalidArgument)
 	}
 	var s specs.Spec
 	if err := json.Unmarshal(b, &s); err != nil {
-		return nil, fmt.Errorf("bundle %q: config.json: %v: %w", dir, err, ErrInvalidArgument)
+		return nil, fmt.Errorf("bundle %q: config.json: %w: %w", dir, err, ErrInvalidArgument)
 	}
 	bp := &bundleProcess{hostname: s.Hostname}
 	root := "rootfs"

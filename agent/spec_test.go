@@ -122,8 +122,8 @@ func TestOCISpecDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Cgroups.Path != "/ferry/x" || cfg.Cgroups.Resources.Memory != 64<<20 || cfg.Cgroups.Resources.CpuQuota != 100000 {
-		t.Errorf("cgroup config: path %q memory %d quota %d", cfg.Cgroups.Path, cfg.Cgroups.Resources.Memory, cfg.Cgroups.Resources.CpuQuota)
+	if cfg.Cgroups.Path != "/ferry/x" || cfg.Cgroups.Memory != 64<<20 || cfg.Cgroups.CpuQuota != 100000 {
+		t.Errorf("cgroup config: path %q memory %d quota %d", cfg.Cgroups.Path, cfg.Cgroups.Memory, cfg.Cgroups.CpuQuota)
 	}
 }
 

@@ -31,7 +31,7 @@ func TestMain(m *testing.M) {
 				fmt.Fprintln(os.Stderr, err)
 				return 1
 			}
-			defer os.RemoveAll(d)
+			defer func() { _ = os.RemoveAll(d) }()
 			for _, c := range []string{"ferryd", "ferryctl"} {
 				out, err := exec.Command("go", "build", "-o", filepath.Join(d, c), "../cmd/"+c).CombinedOutput()
 				if err != nil {
@@ -115,7 +115,7 @@ func (d *daemon) start() {
 	if err != nil {
 		d.t.Fatal(err)
 	}
-	defer lf.Close()
+	defer func() { _ = lf.Close() }()
 	cmd := exec.Command(filepath.Join(binDir, "ferryd"), args...)
 	cmd.Stdout, cmd.Stderr = lf, lf
 	cmd.Env = append(os.Environ(), d.env...)
@@ -161,7 +161,9 @@ func (d *daemon) stop() {
 		}
 	case <-time.After(15 * time.Second):
 		_ = d.cmd.Process.Kill()
-		<-done
+		if err := <-done; err != nil {
+			d.t.Logf("ferryd %s after SIGKILL: %v", d.name, err)
+		}
 		d.t.Errorf("ferryd %s did not exit within 15s of SIGTERM", d.name)
 	}
 	d.cmd = nil
@@ -326,7 +328,7 @@ func mountsUnder(dir string) []string {
 	if err != nil {
 		return nil
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }()
 	var out []string
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {

@@ -224,7 +224,7 @@ func TestSIGTERMLeavesContainersAndNotifiesReady(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	d := newDaemon(t, "a")
 	d.env = []string{"NOTIFY_SOCKET=" + sock}
 	d.start()

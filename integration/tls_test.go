@@ -27,7 +27,7 @@ func freePort(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
+	defer func() { _ = l.Close() }()
 	return strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
 }
 
@@ -94,7 +94,7 @@ func TestMutualTLS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer good.Close()
+	defer func() { _ = good.Close() }()
 	v, err := good.Version(ctx, &api.VersionRequest{})
 	if err != nil || v.NodeName != "a" {
 		t.Fatalf("controller with a valid certificate: %v, %v", v, err)

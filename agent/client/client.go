@@ -44,7 +44,7 @@ func DialUnix(socket string) (*Client, error) {
 		if errors.Is(err, os.ErrNotExist) {
 			return nil, fmt.Errorf("%w: socket %s does not exist (is ferryd running? --socket or FERRY_SOCKET picks another)", ErrNotRunning, socket)
 		}
-		return nil, fmt.Errorf("%w: socket %s: %v", ErrNotRunning, socket, err)
+		return nil, fmt.Errorf("%w: socket %s: %w", ErrNotRunning, socket, err)
 	}
 	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
@@ -84,7 +84,7 @@ func (c *Client) Exec(ctx context.Context, name string, args []string, stdout, s
 	}
 	for {
 		m, err := s.Recv()
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			return nil, errors.New("exec stream ended without an exit code")
 		}
 		if err != nil {
@@ -113,7 +113,7 @@ func (c *Client) Logs(ctx context.Context, name string, follow bool, w io.Writer
 	}
 	for {
 		m, err := s.Recv()
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			return nil
 		}
 		if err != nil {

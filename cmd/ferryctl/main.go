@@ -127,7 +127,7 @@ Sizes take K/M/G/T (powers of 1024) or KB/MB/GB (powers of 1000); CPU is in core
 			if err != nil {
 				return err
 			}
-			defer c.Close()
+			defer func() { _ = c.Close() }()
 			ctr, err := c.RunContainer(cmd.Context(), req)
 			if err != nil {
 				return c.Explain(err)
@@ -172,7 +172,7 @@ func psCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			defer c.Close()
+			defer func() { _ = c.Close() }()
 			resp, err := c.ListContainers(cmd.Context(), &api.ListContainersRequest{})
 			if err != nil {
 				return c.Explain(err)
@@ -186,13 +186,13 @@ func psCmd() *cobra.Command {
 				return printJSON(items)
 			default:
 				tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-				fmt.Fprintln(tw, "NAME\tSTATE\tPID\tIP\tCPU G/L\tMEM G/L\tSTARTED\tCOMMAND")
+				_, _ = fmt.Fprintln(tw, "NAME\tSTATE\tPID\tIP\tCPU G/L\tMEM G/L\tSTARTED\tCOMMAND")
 				for _, ct := range resp.Containers {
 					state := ct.State
 					if ct.State == "exited" || ct.State == "stopped" {
 						state = fmt.Sprintf("%s (%d)", ct.State, ct.ExitCode)
 					}
-					fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", ct.Name, state, ct.Pid, dash(ct.Ip),
+					_, _ = fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", ct.Name, state, ct.Pid, dash(ct.Ip),
 						cpuPair(ct.Guarantee, ct.Ceiling), memPair(ct.Guarantee, ct.Ceiling), since(ct.StartedAt), strings.Join(ct.Args, " "))
 				}
 				return tw.Flush()
@@ -248,7 +248,7 @@ func inspectCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			defer c.Close()
+			defer func() { _ = c.Close() }()
 			ct, err := c.GetContainer(cmd.Context(), &api.GetContainerRequest{Name: args[0]})
 			if err != nil {
 				return c.Explain(err)
@@ -269,7 +269,7 @@ func logsCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			defer c.Close()
+			defer func() { _ = c.Close() }()
 			err = c.Logs(cmd.Context(), args[0], follow, os.Stdout)
 			if err != nil && cmd.Context().Err() != nil {
 				return nil // interrupted while following
@@ -292,7 +292,7 @@ func execCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			defer c.Close()
+			defer func() { _ = c.Close() }()
 			res, err := c.Exec(cmd.Context(), args[0], args[1:], os.Stdout, os.Stderr)
 			if err != nil {
 				return err
@@ -319,7 +319,7 @@ func stopCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			defer c.Close()
+			defer func() { _ = c.Close() }()
 			ct, err := c.StopContainer(cmd.Context(), &api.StopContainerRequest{Name: args[0], TimeoutMs: timeout.Milliseconds()})
 			if err != nil {
 				return c.Explain(err)
@@ -343,7 +343,7 @@ func rmCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			defer c.Close()
+			defer func() { _ = c.Close() }()
 			var errs []error
 			for _, n := range args {
 				if _, err := c.RemoveContainer(cmd.Context(), &api.RemoveContainerRequest{Name: n, Force: force}); err != nil {
@@ -370,7 +370,7 @@ func versionCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			defer c.Close()
+			defer func() { _ = c.Close() }()
 			v, err := c.Version(cmd.Context(), &api.VersionRequest{})
 			if err != nil {
 				return c.Explain(err)
@@ -453,8 +453,8 @@ func eventsCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			defer c.Close()
-			s, err := c.FerryClient.Events(cmd.Context(), &api.EventsRequest{Replay: true, NoFollow: !follow, Types: types})
+			defer func() { _ = c.Close() }()
+			s, err := c.Events(cmd.Context(), &api.EventsRequest{Replay: true, NoFollow: !follow, Types: types})
 			if err != nil {
 				return c.Explain(err)
 			}
@@ -462,7 +462,7 @@ func eventsCmd() *cobra.Command {
 			enc.SetEscapeHTML(false)
 			for {
 				e, err := s.Recv()
-				if err == io.EOF || (err != nil && cmd.Context().Err() != nil) {
+				if errors.Is(err, io.EOF) || (err != nil && cmd.Context().Err() != nil) {
 					return nil
 				}
 				if err != nil {

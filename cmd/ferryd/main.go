@@ -167,7 +167,7 @@ func serve(o options) error {
 	if err != nil {
 		return err
 	}
-	defer lock.Close()
+	defer func() { _ = lock.Close() }()
 
 	a, err := agent.New(agent.Config{
 		Root: o.root, RunDir: o.runDir, NodeName: o.nodeName, CgroupParent: o.cgroupParent,
