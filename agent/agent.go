@@ -22,6 +22,7 @@ import (
 	"github.com/ferry-agent/ferry/cgroup"
 	"github.com/ferry-agent/ferry/internal/atomicfile"
 	"github.com/ferry-agent/ferry/internal/proc"
+	"github.com/ferry-agent/ferry/sysctlguard"
 )
 
 // Config is the agent's configuration, from ferryd's flags and config file.
@@ -35,6 +36,12 @@ type Config struct {
 	LogMax        int64 // per-container log cap in bytes
 	Version       string
 	Self          string // the ferryd binary, re-executed as the monitor
+	// SysctlAllow narrows the sysctls containers may write (patterns like
+	// net.ipv4.*); nil keeps every namespaced one. It can never widen.
+	SysctlAllow []string
+	// BPFRoot is where the sysctl guards are pinned; its parent must be (or
+	// is made) a bpffs mount.
+	BPFRoot string
 }
 
 // record is ferryd's part of a container's on-disk state: the request and
@@ -67,6 +74,7 @@ type container struct {
 	exit     *exitInfo
 	reason   string
 	exited   chan struct{} // closed once the exit is known; nil when never started
+	guard    *sysctlguard.Guard
 }
 
 // State names.
@@ -103,7 +111,13 @@ type Agent struct {
 	watchers    sync.WaitGroup
 	done        chan struct{}
 	events      *eventBus
+
+	policy *sysctlguard.Policy
+	guards *sysctlguard.Manager
 }
+
+// containerNamespaces are the namespaces every ferry container has of its own.
+var containerNamespaces = sysctlguard.Namespaces{IPC: true, UTS: true, Net: true}
 
 // New prepares the agent's directories. Call Load before serving.
 func New(cfg Config, log *slog.Logger) (*Agent, error) {
@@ -134,7 +148,76 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 		}
 	}
 	a.criuVersion = criuVersion(cfg.CriuPath)
+	policy, err := sysctlguard.NewPolicy(cfg.SysctlAllow)
+	if err != nil {
+		return nil, fmt.Errorf("sysctl-allow: %w", err)
+	}
+	a.policy = policy
+	if cfg.BPFRoot == "" {
+		cfg.BPFRoot = sysctlguard.DefaultPinRoot
+		a.cfg.BPFRoot = cfg.BPFRoot
+	}
+	fsDir := filepath.Dir(cfg.BPFRoot)
+	if err := os.MkdirAll(fsDir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+		return nil, fmt.Errorf("bpf-root %s: %w", cfg.BPFRoot, err)
+	}
+	if mounted, err := sysctlguard.EnsureBPFFS(fsDir); err != nil {
+		return nil, fmt.Errorf("bpf-root %s: %w", cfg.BPFRoot, err)
+	} else if mounted {
+		log.Info("mounted bpffs for the sysctl guards", "dir", fsDir)
+	}
+	if a.guards, err = sysctlguard.NewManager(cfg.BPFRoot); err != nil {
+		return nil, fmt.Errorf("bpf-root %s: %w", cfg.BPFRoot, err)
+	}
 	return a, nil
+}
+
+// guardContainer attaches (or re-finds) c's sysctl guard and follows its
+// denied writes. The cgroup directory in the unified hierarchy is created if
+// needed, so the guard is in place before the container's first instruction.
+func (a *Agent) guardContainer(ctx context.Context, c *container) error {
+	dir, err := sysctlguard.CgroupDir(c.rec.Cgroup)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("sysctl guard: %w", err)
+	}
+	g, err := a.guards.Attach(ctx, dir, c.name, a.policy.For(containerNamespaces))
+	if err != nil {
+		return fmt.Errorf("sysctl guard: %w", err)
+	}
+	a.mu.Lock()
+	c.guard = g
+	a.mu.Unlock()
+	a.watchGuard(c, g)
+	return nil
+}
+
+// watchGuard publishes c's denied sysctl writes as events until the guard is
+// detached or the agent closes.
+func (a *Agent) watchGuard(c *container, g *sysctlguard.Guard) {
+	ctx, cancel := context.WithCancel(context.Background())
+	a.watchers.Add(1)
+	go func() {
+		defer a.watchers.Done()
+		select {
+		case <-a.done:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	go func() {
+		defer cancel()
+		err := g.Watch(ctx, func(e sysctlguard.Event) {
+			a.log.Warn("sysctl write denied", "container", c.name, "key", e.Key)
+			a.events.Publish(Event{Type: EventSysctlDenied, Container: c.name, Time: e.Time.UTC(),
+				Message: "write to " + e.Key + " denied", Attrs: map[string]string{"key": e.Key}})
+		})
+		if err != nil {
+			a.log.Warn("sysctl guard events", "container", c.name, "err", err)
+		}
+	}()
 }
 
 func criuVersion(path string) string {
@@ -184,6 +267,7 @@ func (a *Agent) Load(ctx context.Context) error {
 		a.events.Publish(Event{Type: EventContainerReload, Container: c.name, Message: "reloaded from disk: " + c.state(),
 			Attrs: map[string]string{"state": c.state(), "pid": strconv.Itoa(pidOf(c))}})
 	}
+	a.reconcileGuards(ctx)
 	// libcontainer state with no ferry container is a leftover of a crash.
 	lcs, _ := os.ReadDir(a.lcRoot)
 	for _, e := range lcs {
@@ -195,6 +279,33 @@ func (a *Agent) Load(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// reconcileGuards removes sysctl guards of containers that no longer exist
+// and makes sure every running container has exactly one.
+func (a *Agent) reconcileGuards(ctx context.Context) {
+	live := map[string]string{}
+	for name, c := range a.ctrs {
+		if dir, err := sysctlguard.CgroupDir(c.rec.Cgroup); err == nil {
+			live[name] = dir
+		}
+	}
+	_, removed, err := a.guards.Reconcile(ctx, live)
+	if err != nil {
+		a.log.Error("reconcile sysctl guards", "err", err)
+	}
+	for _, id := range removed {
+		a.log.Warn("removed the sysctl guard of a container that no longer exists", "container", id)
+	}
+	for _, c := range a.ctrs {
+		if c.state() == StateRunning {
+			if err := a.guardContainer(ctx, c); err != nil {
+				a.log.Error("sysctl guard not restored", "container", c.name, "err", err)
+			}
+		} else if g, err := a.guards.Open(c.name); err == nil {
+			c.guard = g // for its counters
+		}
+	}
 }
 
 func pidOf(c *container) int {
@@ -292,7 +403,7 @@ func (a *Agent) get(name string) (*container, error) {
 // Run validates spec, creates the container and starts its init. On any
 // failure every step already taken is undone.
 func (a *Agent) Run(ctx context.Context, spec Spec) (_ *container, retErr error) {
-	if err := NormalizeSpec(&spec, a.cfg.DefaultRootfs); err != nil {
+	if err := NormalizeSpec(&spec, a.cfg.DefaultRootfs, a.policy); err != nil {
 		return nil, err
 	}
 	log := a.log.With("container", spec.Name)
@@ -341,6 +452,9 @@ func (a *Agent) Run(ctx context.Context, spec Spec) (_ *container, retErr error)
 		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
 	}
 	if err := atomicfile.WriteJSON(filepath.Join(c.dir, lcConfigFile), cfg, 0o600); err != nil {
+		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
+	}
+	if err := a.guardContainer(ctx, c); err != nil {
 		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
 	}
 	ii, cmd, err := a.startMonitor(ctx, c.dir)
@@ -439,6 +553,18 @@ func (a *Agent) teardown(name, dir string) error {
 	}
 	if err := a.destroyLibcontainer(name); err != nil {
 		errs = append(errs, err)
+	}
+	if err := a.guards.Detach(name); err != nil && !errors.Is(err, sysctlguard.ErrNotAttached) {
+		errs = append(errs, err)
+	}
+	var rec record
+	if err := atomicfile.ReadJSON(filepath.Join(dir, specFile), &rec); err == nil && rec.Cgroup != "" {
+		// The guard's cgroup in the unified hierarchy, made before libcontainer ran.
+		if ud, err := sysctlguard.CgroupDir(rec.Cgroup); err == nil {
+			if err := os.Remove(ud); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, fmt.Errorf("remove cgroup %s: %w", ud, err))
+			}
+		}
 	}
 	if err := unmountOverlay(dir); err != nil {
 		errs = append(errs, err)
@@ -773,3 +899,18 @@ func (a *Agent) SubscribeEvents(ctx context.Context, replay bool) ([]Event, <-ch
 
 // PublishEvent publishes an event from another part of the agent.
 func (a *Agent) PublishEvent(e Event) Event { return a.events.Publish(e) }
+
+// SysctlDenied returns how many sysctl writes c's guard refused.
+func (a *Agent) sysctlDenied(c *container) uint64 {
+	a.mu.Lock()
+	g := c.guard
+	a.mu.Unlock()
+	if g == nil {
+		return 0
+	}
+	n, err := g.Denied()
+	if err != nil {
+		return 0
+	}
+	return n
+}

@@ -23,6 +23,7 @@ const (
 	EventContainerRemoved = "container.removed"
 	EventContainerReload  = "container.reattached"
 	EventEventsDropped    = "events.dropped"
+	EventSysctlDenied     = "sysctl.denied"
 )
 
 // eventBus fans events out to subscribers and keeps a short history.

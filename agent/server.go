@@ -50,7 +50,7 @@ func resources(r *api.Resources) cgroup.Amount {
 func (s *Server) RunContainer(ctx context.Context, req *api.RunContainerRequest) (*api.Container, error) {
 	spec := Spec{
 		Name: req.GetName(), Rootfs: req.GetRootfs(), Bundle: req.GetBundle(), Args: req.GetArgs(),
-		Env: req.GetEnv(), Hostname: req.GetHostname(), Sysctls: req.GetSysctls(), IP: req.GetIp(),
+		Env: req.GetEnv(), Hostname: req.GetHostname(), Sysctls: req.GetSysctls(), IP: req.GetIp(), CapAdd: req.GetCapAdd(),
 		Resources: cgroup.Spec{Guarantee: resources(req.GetGuarantee()), Ceiling: resources(req.GetCeiling()), PidsMax: req.GetPidsMax()},
 	}
 	c, err := s.a.Run(ctx, spec)
@@ -148,6 +148,7 @@ func ts(t time.Time) string {
 }
 
 func (a *Agent) toAPI(c *container) *api.Container {
+	denied := a.sysctlDenied(c)
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	r := c.rec.Spec.Resources
@@ -157,7 +158,7 @@ func (a *Agent) toAPI(c *container) *api.Container {
 		Ceiling:   &api.Resources{CpuCores: r.Ceiling.CPU, MemoryBytes: r.Ceiling.Memory},
 		PidsMax:   r.PidsMax, CreatedAt: ts(c.rec.CreatedAt), Rootfs: c.rec.Spec.Rootfs,
 		Args: c.rec.Spec.Args, Hostname: c.rec.Spec.Hostname, Sysctls: c.rec.Spec.Sysctls,
-		Ip: c.rec.Spec.IP, StatusReason: c.reason,
+		Ip: c.rec.Spec.IP, StatusReason: c.reason, SysctlDenied: denied, CapAdd: c.rec.Spec.CapAdd,
 	}
 	if c.init != nil {
 		out.StartedAt = ts(c.init.StartedAt)

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 
@@ -36,6 +37,7 @@ type Spec struct {
 	Hostname  string            `json:"hostname"`
 	Sysctls   map[string]string `json:"sysctls,omitempty"`
 	IP        string            `json:"ip,omitempty"`
+	CapAdd    []string          `json:"cap_add,omitempty"`
 	Resources cgroup.Spec       `json:"resources"`
 }
 
@@ -114,8 +116,9 @@ func readBundle(dir string) (*bundleProcess, error) {
 }
 
 // NormalizeSpec validates s in place, fills defaults and reads the bundle.
-// defaultRootfs is used when neither rootfs nor bundle is given.
-func NormalizeSpec(s *Spec, defaultRootfs string) error {
+// defaultRootfs is used when neither rootfs nor bundle is given; policy
+// (nil: the full namespaced allowlist) decides which sysctls are accepted.
+func NormalizeSpec(s *Spec, defaultRootfs string, policy *sysctlguard.Policy) error {
 	if err := ValidateName(s.Name); err != nil {
 		return err
 	}
@@ -181,6 +184,16 @@ func NormalizeSpec(s *Spec, defaultRootfs string) error {
 	if len(s.Hostname) > 253 || !hostnameRE.MatchString(strings.ReplaceAll(s.Hostname, "_", "-")) {
 		return fmt.Errorf("hostname %q: not a valid host name: %w", s.Hostname, ErrInvalidArgument)
 	}
+	for i, c := range s.CapAdd {
+		c = strings.ToUpper(c)
+		if !strings.HasPrefix(c, "CAP_") {
+			c = "CAP_" + c
+		}
+		if !knownCaps[c] {
+			return fmt.Errorf("cap_add %q: not a Linux capability: %w", s.CapAdd[i], ErrInvalidArgument)
+		}
+		s.CapAdd[i] = c
+	}
 	if s.IP != "" {
 		return fmt.Errorf("ip %q: pinning an address needs the host bridge, which this agent does not manage yet: %w", s.IP, ErrFailedPrecondition)
 	}
@@ -191,11 +204,34 @@ func NormalizeSpec(s *Spec, defaultRootfs string) error {
 	}
 	sort.Strings(keys)
 	for _, k := range keys {
-		if err := sysctlguard.Validate(k, s.Sysctls[k], ns); err != nil {
+		validate := sysctlguard.Validate
+		if policy != nil {
+			validate = policy.Validate
+		}
+		if err := validate(k, s.Sysctls[k], ns); err != nil {
+			return err
+		}
+		if err := sysctlExists(k); err != nil {
 			return err
 		}
 	}
 	return s.Resources.Normalize()
+}
+
+// perDeviceSysctl matches net keys named after a device, which exist only
+// once the container's own devices do.
+var perDeviceSysctl = regexp.MustCompile(`^net\.ipv[46]\.(conf|neigh)\.`)
+
+// sysctlExists refuses a key the kernel does not have, so the error names it
+// instead of the container's init failing later.
+func sysctlExists(key string) error {
+	if perDeviceSysctl.MatchString(key) {
+		return nil
+	}
+	if _, err := os.Stat("/proc/sys/" + strings.ReplaceAll(key, ".", "/")); err != nil {
+		return fmt.Errorf("sysctl %q: unknown to this kernel: %w", key, ErrInvalidArgument)
+	}
+	return nil
 }
 
 // defaultCaps is the capability set of a ferry container: Docker's default
@@ -206,6 +242,19 @@ var defaultCaps = []string{
 	"CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
 	"CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
 }
+
+var knownCaps = func() map[string]bool {
+	m := map[string]bool{}
+	for _, c := range []string{"CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID",
+		"SETUID", "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
+		"IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN",
+		"SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE",
+		"AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND",
+		"AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE"} {
+		m["CAP_"+c] = true
+	}
+	return m
+}()
 
 const defaultPath = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -223,6 +272,11 @@ func OCISpec(s *Spec, rootfs, cgroupPath string) *specs.Spec {
 	o.Root = &specs.Root{Path: rootfs}
 	o.Hostname = s.Hostname
 	caps := append([]string(nil), defaultCaps...)
+	for _, c := range s.CapAdd {
+		if !slices.Contains(caps, c) {
+			caps = append(caps, c)
+		}
+	}
 	o.Process.Terminal = false
 	o.Process.Args = s.Args
 	o.Process.Cwd = s.Cwd

@@ -30,7 +30,7 @@ func TestValidateName(t *testing.T) {
 func TestNormalizeSpec(t *testing.T) {
 	rootfs := t.TempDir()
 	s := Spec{Name: "web", Rootfs: rootfs, Resources: cgroup.Spec{Guarantee: cgroup.Amount{Memory: 64 << 20}}}
-	if err := NormalizeSpec(&s, "/nonexistent"); err != nil {
+	if err := NormalizeSpec(&s, "/nonexistent", nil); err != nil {
 		t.Fatal(err)
 	}
 	if s.Hostname != "web" || s.Cwd != "/" || len(s.Args) != 1 || s.Args[0] != "sh" {
@@ -61,7 +61,7 @@ func TestNormalizeSpec(t *testing.T) {
 		{Spec{Name: "x"}, "default rootfs"},
 	}
 	for _, b := range bad {
-		err := NormalizeSpec(&b.s, "/nonexistent/default")
+		err := NormalizeSpec(&b.s, "/nonexistent/default", nil)
 		if err == nil || !strings.Contains(err.Error(), b.want) {
 			t.Errorf("NormalizeSpec(%+v) = %v, want %q", b.s, err, b.want)
 		}
@@ -83,7 +83,7 @@ func TestNormalizeSpecBundle(t *testing.T) {
 		t.Fatal(err)
 	}
 	s := Spec{Name: "b", Bundle: dir, Env: []string{"B=2"}}
-	if err := NormalizeSpec(&s, ""); err != nil {
+	if err := NormalizeSpec(&s, "", nil); err != nil {
 		t.Fatal(err)
 	}
 	if s.Rootfs != filepath.Join(dir, "rootfs") || s.Args[0] != "/bin/app" || s.Cwd != "/srv" || s.Hostname != "bundled" {

@@ -44,6 +44,10 @@ func TestBadInputChangesNothing(t *testing.T) {
 		{"negative pids", []string{"run", "x12", "--pids", "-3"}, "InvalidArgument", []string{"pids -3"}},
 		{"bad env", []string{"run", "x13", "--env", "NOEQUALS"}, "InvalidArgument", []string{"env", `"NOEQUALS"`}},
 		{"global sysctl", []string{"run", "x14", "--sysctl", "kernel.pid_max=100000"}, "InvalidArgument", []string{"kernel.pid_max", "global"}},
+		{"unknown sysctl", []string{"run", "x17", "--sysctl", "net.ipv4.no_such_key=1"}, "InvalidArgument", []string{"net.ipv4.no_such_key", "unknown"}},
+		{"malformed sysctl value", []string{"run", "x18", "--sysctl", "kernel.shmmax=1\n2"}, "InvalidArgument", []string{"kernel.shmmax", "malformed value"}},
+		{"malformed sysctl", []string{"run", "x19", "--sysctl", "novalue"}, "", []string{"--sysctl", `"novalue"`}},
+		{"unknown capability", []string{"run", "x20", "--cap-add", "SUPERPOWER"}, "InvalidArgument", []string{"cap_add", `"SUPERPOWER"`}},
 		{"missing binary", []string{"run", "x15", "--", "/no/such/binary"}, "InvalidArgument", []string{"/no/such/binary"}},
 		{"bad hostname", []string{"run", "x16", "--hostname", "bad host"}, "InvalidArgument", []string{"hostname", `"bad host"`}},
 	}

@@ -60,6 +60,8 @@ type daemon struct {
 	socket   string
 	cgParent string
 	logPath  string
+	base     string
+	bpfRoot  string
 	extra    []string
 	env      []string // added to ferryd's environment
 	cmd      *exec.Cmd
@@ -84,7 +86,8 @@ func newDaemon(t *testing.T, name string, extra ...string) *daemon {
 	d := &daemon{
 		t: t, name: name, root: filepath.Join(base, "root"), runDir: filepath.Join(base, "run"),
 		cgParent: fmt.Sprintf("/ferry-it-%d-%d", os.Getpid(), cgroupSeq.Add(1)),
-		logPath:  filepath.Join(base, "ferryd.log"), extra: extra,
+		logPath:  filepath.Join(base, "ferryd.log"), extra: extra, base: base,
+		bpfRoot: filepath.Join(base, "bpffs", "ferry"),
 	}
 	d.socket = filepath.Join(d.runDir, "ferryd.sock")
 	t.Cleanup(func() {
@@ -110,7 +113,7 @@ func lastLines(s string, n int) string {
 func (d *daemon) start() {
 	d.t.Helper()
 	args := append([]string{"--root", d.root, "--run-dir", d.runDir, "--socket", d.socket,
-		"--cgroup-parent", d.cgParent, "--node-name", d.name, "--log-level", "debug"}, d.extra...)
+		"--cgroup-parent", d.cgParent, "--node-name", d.name, "--log-level", "debug", "--bpf-root", d.bpfRoot}, d.extra...)
 	lf, err := os.OpenFile(d.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		d.t.Fatal(err)
@@ -257,7 +260,7 @@ func (d *daemon) cleanup() {
 		d.kill9()
 	}
 	killProcsMatching(d.root)
-	for _, m := range mountsUnder(d.root) {
+	for _, m := range mountsUnder(d.base) {
 		_ = syscall.Unmount(m, syscall.MNT_DETACH)
 	}
 	removeCgroupTree(d.cgParent)
@@ -348,6 +351,9 @@ func (d *daemon) assertNoTrace(t *testing.T, name string) {
 		if _, err := os.Stat(p); err == nil {
 			t.Errorf("container %s: cgroup %s left behind", name, p)
 		}
+	}
+	if _, err := os.Stat(filepath.Join(d.bpfRoot, strings.ReplaceAll(name, ".", ":"))); err == nil {
+		t.Errorf("container %s: sysctl guard pin left behind under %s", name, d.bpfRoot)
 	}
 	if ms := mountsUnder(filepath.Join(d.root, "containers", name)); len(ms) > 0 {
 		t.Errorf("container %s: mounts left behind: %v", name, ms)

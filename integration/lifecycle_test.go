@@ -193,7 +193,7 @@ func TestTwoDaemonsDoNotSeeEachOther(t *testing.T) {
 		t.Fatalf("a inspect only-b: %q", errOut)
 	}
 	// A second ferryd on a's root is refused.
-	dup := &daemon{t: t, name: "dup", root: a.root, runDir: a.runDir + "-dup", socket: a.socket + "-dup", cgParent: a.cgParent, logPath: a.logPath + "-dup"}
+	dup := &daemon{t: t, name: "dup", root: a.root, runDir: a.runDir + "-dup", socket: a.socket + "-dup", cgParent: a.cgParent, logPath: a.logPath + "-dup", bpfRoot: a.bpfRoot}
 	dup.start2Fails(t)
 	a.mustCtl("rm", "-f", "only-a")
 	b.mustCtl("rm", "-f", "only-b")
@@ -202,7 +202,7 @@ func TestTwoDaemonsDoNotSeeEachOther(t *testing.T) {
 // start2Fails checks a ferryd on a root in use exits with an error naming it.
 func (d *daemon) start2Fails(t *testing.T) {
 	t.Helper()
-	out, err := runCmd(filepath.Join(binDir, "ferryd"), "--root", d.root, "--run-dir", d.runDir, "--socket", d.socket, "--cgroup-parent", d.cgParent)
+	out, err := runCmd(filepath.Join(binDir, "ferryd"), "--root", d.root, "--run-dir", d.runDir, "--socket", d.socket, "--cgroup-parent", d.cgParent, "--bpf-root", d.bpfRoot)
 	if err == nil || !strings.Contains(out, "in use by another ferryd") {
 		t.Fatalf("second ferryd on %s: err %v, output %q", d.root, err, out)
 	}

@@ -9,7 +9,7 @@
 #   - the Go module proxy, for the pinned code generators (go install).
 #
 # What it installs:
-#   apt (bookworm):  iptables busybox-static runc protobuf-compiler iproute2
+#   apt (bookworm):  iptables busybox-static runc protobuf-compiler iproute2 bpftool
 #                    util-linux kmod cpio qemu-system-x86 procps psmisc
 #                    (never Debian 12's criu 3.17: it fails on this kernel)
 #   /opt/ferry/criu          trixie's criu + libcompel1 + their library closure
@@ -34,7 +34,7 @@ CRIU_LINK=/usr/local/sbin/criu
 ROOTFS=$FERRY_PREFIX/rootfs/busybox
 
 APT_PACKAGES=(iptables busybox-static runc protobuf-compiler iproute2 util-linux
-	kmod cpio qemu-system-x86 procps psmisc)
+	kmod cpio qemu-system-x86 procps psmisc bpftool)
 # Packages that trixie's criu is always unpacked with, on top of what the
 # resolver computes from the real Depends (a check, not a replacement).
 CRIU_PACKAGES=(criu libcompel1)

@@ -207,15 +207,17 @@ type RunContainerRequest struct {
 	// Empty: the agent's default rootfs. Exclusive with bundle.
 	Rootfs string `protobuf:"bytes,2,opt,name=rootfs,proto3" json:"rootfs,omitempty"`
 	// Absolute path of an OCI bundle (config.json + rootfs). Exclusive with rootfs.
-	Bundle        string            `protobuf:"bytes,3,opt,name=bundle,proto3" json:"bundle,omitempty"`
-	Guarantee     *Resources        `protobuf:"bytes,4,opt,name=guarantee,proto3" json:"guarantee,omitempty"`
-	Ceiling       *Resources        `protobuf:"bytes,5,opt,name=ceiling,proto3" json:"ceiling,omitempty"`
-	PidsMax       int64             `protobuf:"varint,6,opt,name=pids_max,json=pidsMax,proto3" json:"pids_max,omitempty"`
-	Env           []string          `protobuf:"bytes,7,rep,name=env,proto3" json:"env,omitempty"`
-	Hostname      string            `protobuf:"bytes,8,opt,name=hostname,proto3" json:"hostname,omitempty"`
-	Sysctls       map[string]string `protobuf:"bytes,9,rep,name=sysctls,proto3" json:"sysctls,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	Ip            string            `protobuf:"bytes,10,opt,name=ip,proto3" json:"ip,omitempty"`
-	Args          []string          `protobuf:"bytes,11,rep,name=args,proto3" json:"args,omitempty"`
+	Bundle    string            `protobuf:"bytes,3,opt,name=bundle,proto3" json:"bundle,omitempty"`
+	Guarantee *Resources        `protobuf:"bytes,4,opt,name=guarantee,proto3" json:"guarantee,omitempty"`
+	Ceiling   *Resources        `protobuf:"bytes,5,opt,name=ceiling,proto3" json:"ceiling,omitempty"`
+	PidsMax   int64             `protobuf:"varint,6,opt,name=pids_max,json=pidsMax,proto3" json:"pids_max,omitempty"`
+	Env       []string          `protobuf:"bytes,7,rep,name=env,proto3" json:"env,omitempty"`
+	Hostname  string            `protobuf:"bytes,8,opt,name=hostname,proto3" json:"hostname,omitempty"`
+	Sysctls   map[string]string `protobuf:"bytes,9,rep,name=sysctls,proto3" json:"sysctls,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Ip        string            `protobuf:"bytes,10,opt,name=ip,proto3" json:"ip,omitempty"`
+	Args      []string          `protobuf:"bytes,11,rep,name=args,proto3" json:"args,omitempty"`
+	// Capabilities added to ferry's default set, e.g. CAP_NET_ADMIN.
+	CapAdd        []string `protobuf:"bytes,12,rep,name=cap_add,json=capAdd,proto3" json:"cap_add,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -327,6 +329,13 @@ func (x *RunContainerRequest) GetArgs() []string {
 	return nil
 }
 
+func (x *RunContainerRequest) GetCapAdd() []string {
+	if x != nil {
+		return x.CapAdd
+	}
+	return nil
+}
+
 type Container struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -351,7 +360,10 @@ type Container struct {
 	Hostname   string            `protobuf:"bytes,16,opt,name=hostname,proto3" json:"hostname,omitempty"`
 	Sysctls    map[string]string `protobuf:"bytes,17,rep,name=sysctls,proto3" json:"sysctls,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// Why the container is in its state when that is not obvious (e.g. exit status unknown).
-	StatusReason  string `protobuf:"bytes,18,opt,name=status_reason,json=statusReason,proto3" json:"status_reason,omitempty"`
+	StatusReason string `protobuf:"bytes,18,opt,name=status_reason,json=statusReason,proto3" json:"status_reason,omitempty"`
+	// Writes to sysctls outside the container's allowlist refused by its sysctl guard.
+	SysctlDenied  uint64   `protobuf:"varint,19,opt,name=sysctl_denied,json=sysctlDenied,proto3" json:"sysctl_denied,omitempty"`
+	CapAdd        []string `protobuf:"bytes,20,rep,name=cap_add,json=capAdd,proto3" json:"cap_add,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -510,6 +522,20 @@ func (x *Container) GetStatusReason() string {
 		return x.StatusReason
 	}
 	return ""
+}
+
+func (x *Container) GetSysctlDenied() uint64 {
+	if x != nil {
+		return x.SysctlDenied
+	}
+	return 0
+}
+
+func (x *Container) GetCapAdd() []string {
+	if x != nil {
+		return x.CapAdd
+	}
+	return nil
 }
 
 type ListContainersRequest struct {
@@ -1202,7 +1228,7 @@ const file_ferry_proto_rawDesc = "" +
 	"\x06kernel\x18\x06 \x01(\tR\x06kernel\"K\n" +
 	"\tResources\x12\x1b\n" +
 	"\tcpu_cores\x18\x01 \x01(\x01R\bcpuCores\x12!\n" +
-	"\fmemory_bytes\x18\x02 \x01(\x03R\vmemoryBytes\"\xaa\x03\n" +
+	"\fmemory_bytes\x18\x02 \x01(\x03R\vmemoryBytes\"\xc3\x03\n" +
 	"\x13RunContainerRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06rootfs\x18\x02 \x01(\tR\x06rootfs\x12\x16\n" +
@@ -1215,10 +1241,11 @@ const file_ferry_proto_rawDesc = "" +
 	"\asysctls\x18\t \x03(\v2*.ferry.v1.RunContainerRequest.SysctlsEntryR\asysctls\x12\x0e\n" +
 	"\x02ip\x18\n" +
 	" \x01(\tR\x02ip\x12\x12\n" +
-	"\x04args\x18\v \x03(\tR\x04args\x1a:\n" +
+	"\x04args\x18\v \x03(\tR\x04args\x12\x17\n" +
+	"\acap_add\x18\f \x03(\tR\x06capAdd\x1a:\n" +
 	"\fSysctlsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xdf\x04\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x9d\x05\n" +
 	"\tContainer\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\x12\x10\n" +
@@ -1241,7 +1268,9 @@ const file_ferry_proto_rawDesc = "" +
 	"\x04args\x18\x0f \x03(\tR\x04args\x12\x1a\n" +
 	"\bhostname\x18\x10 \x01(\tR\bhostname\x12:\n" +
 	"\asysctls\x18\x11 \x03(\v2 .ferry.v1.Container.SysctlsEntryR\asysctls\x12#\n" +
-	"\rstatus_reason\x18\x12 \x01(\tR\fstatusReason\x1a:\n" +
+	"\rstatus_reason\x18\x12 \x01(\tR\fstatusReason\x12#\n" +
+	"\rsysctl_denied\x18\x13 \x01(\x04R\fsysctlDenied\x12\x17\n" +
+	"\acap_add\x18\x14 \x03(\tR\x06capAdd\x1a:\n" +
 	"\fSysctlsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x17\n" +

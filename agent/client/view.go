@@ -29,6 +29,8 @@ type ContainerView struct {
 	Hostname     string            `json:"hostname"`
 	Sysctls      map[string]string `json:"sysctls"`
 	StatusReason string            `json:"status_reason"`
+	SysctlDenied uint64            `json:"sysctl_denied"`
+	CapAdd       []string          `json:"cap_add"`
 }
 
 func resView(r *api.Resources) ResourcesView {
@@ -43,7 +45,10 @@ func View(c *api.Container) ContainerView {
 		Guarantee: resView(c.GetGuarantee()), Ceiling: resView(c.GetCeiling()), PidsMax: c.GetPidsMax(),
 		CreatedAt: c.GetCreatedAt(), StartedAt: c.GetStartedAt(), FinishedAt: c.GetFinishedAt(),
 		Rootfs: c.GetRootfs(), Args: c.GetArgs(), Hostname: c.GetHostname(), Sysctls: c.GetSysctls(),
-		StatusReason: c.GetStatusReason(),
+		StatusReason: c.GetStatusReason(), SysctlDenied: c.GetSysctlDenied(), CapAdd: c.GetCapAdd(),
+	}
+	if v.CapAdd == nil {
+		v.CapAdd = []string{}
 	}
 	if v.Args == nil {
 		v.Args = []string{}

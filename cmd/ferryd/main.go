@@ -41,8 +41,9 @@ func init() {
 
 type options struct {
 	config, root, runDir, socket, listen, tlsDir, nodeName, cgroupParent string
-	defaultRootfs, criu, logLevel, logFormat                             string
+	defaultRootfs, criu, logLevel, logFormat, bpfRoot                    string
 	logMax                                                               int64
+	sysctlAllow                                                          []string
 }
 
 func main() {
@@ -96,6 +97,8 @@ init and its per-container monitor); they are not meant to be run by hand.`,
 	f.StringVar(&o.defaultRootfs, "default-rootfs", "/opt/ferry/rootfs/busybox", "rootfs used when a run names none")
 	f.StringVar(&o.criu, "criu", "criu", "CRIU binary")
 	f.Int64Var(&o.logMax, "log-max", 10<<20, "per-container log size cap in bytes (one rotated file is kept besides)")
+	f.StringArrayVar(&o.sysctlAllow, "sysctl-allow", nil, "narrow the sysctls containers may write to these keys or prefixes (net.ipv4.*); repeatable; never widens beyond the namespaced ones")
+	f.StringVar(&o.bpfRoot, "bpf-root", "/sys/fs/bpf/ferry", "where the sysctl guards' BPF programs are pinned (its parent is mounted as bpffs if needed)")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&o.logFormat, "log-format", "text", "text or json")
 	return cmd
@@ -120,19 +123,28 @@ func applyConfigFile(fs *pflag.FlagSet, path string) error {
 		if fl.Changed {
 			continue
 		}
-		var s string
-		switch x := v.(type) {
-		case string:
-			s = x
-		case float64:
-			s = strconv.FormatFloat(x, 'f', -1, 64)
-		case bool:
-			s = strconv.FormatBool(x)
-		default:
-			return fmt.Errorf("config %s: key %q: want a string, number or bool", path, k)
+		vals := []any{v}
+		if list, ok := v.([]any); ok {
+			if fl.Value.Type() != "stringArray" {
+				return fmt.Errorf("config %s: key %q takes one value, not a list", path, k)
+			}
+			vals = list
 		}
-		if err := fs.Set(k, s); err != nil {
-			return fmt.Errorf("config %s: key %q value %q: %w", path, k, s, err)
+		for _, v := range vals {
+			var s string
+			switch x := v.(type) {
+			case string:
+				s = x
+			case float64:
+				s = strconv.FormatFloat(x, 'f', -1, 64)
+			case bool:
+				s = strconv.FormatBool(x)
+			default:
+				return fmt.Errorf("config %s: key %q: want a string, number, bool or a list of strings", path, k)
+			}
+			if err := fs.Set(k, s); err != nil {
+				return fmt.Errorf("config %s: key %q value %q: %w", path, k, s, err)
+			}
 		}
 	}
 	return nil
@@ -172,6 +184,7 @@ func serve(o options) error {
 	a, err := agent.New(agent.Config{
 		Root: o.root, RunDir: o.runDir, NodeName: o.nodeName, CgroupParent: o.cgroupParent,
 		DefaultRootfs: o.defaultRootfs, CriuPath: o.criu, LogMax: o.logMax, Version: version,
+		SysctlAllow: o.sysctlAllow, BPFRoot: o.bpfRoot,
 	}, log)
 	if err != nil {
 		return err

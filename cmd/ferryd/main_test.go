@@ -9,7 +9,7 @@ import (
 
 func TestConfigFileFillsUnsetFlags(t *testing.T) {
 	p := filepath.Join(t.TempDir(), "ferryd.json")
-	if err := os.WriteFile(p, []byte(`{"root": "/srv/ferry", "log-max": 2048, "node-name": "from-file"}`), 0o600); err != nil {
+	if err := os.WriteFile(p, []byte(`{"root": "/srv/ferry", "log-max": 2048, "node-name": "from-file", "sysctl-allow": ["net.ipv4.*", "kernel.shmmax"]}`), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	cmd := rootCmd()
@@ -22,6 +22,9 @@ func TestConfigFileFillsUnsetFlags(t *testing.T) {
 	get := func(k string) string { return cmd.Flags().Lookup(k).Value.String() }
 	if get("root") != "/srv/ferry" || get("log-max") != "2048" {
 		t.Errorf("file values not applied: root %s log-max %s", get("root"), get("log-max"))
+	}
+	if got := get("sysctl-allow"); got != "[net.ipv4.*,kernel.shmmax]" {
+		t.Errorf("sysctl-allow %s", got)
 	}
 	if get("node-name") != "from-flag" {
 		t.Errorf("node-name %q: the command line must win over the file", get("node-name"))
