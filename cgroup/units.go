@@ -85,3 +85,44 @@ func FormatSize(b int64) string {
 	}
 	return strconv.FormatInt(b, 10)
 }
+
+type rounding int
+
+const (
+	roundDown rounding = iota // what is free: never promise more than there is
+	roundUp                   // what is asked: never show less than was asked
+)
+
+// formatQuantity renders cores ("0.5 cores") or bytes ("1.5Gi") for messages,
+// with at most two decimals rounded in the given direction.
+func formatQuantity(r Resource, v float64, mode rounding) string {
+	if r == CPU {
+		return trimDecimals(v, mode) + " cores"
+	}
+	return formatBytesApprox(v, mode)
+}
+
+// formatBytesApprox renders a byte count in the largest binary unit it
+// reaches, with at most two decimals: 1610612736 → "1.5Gi".
+func formatBytesApprox(v float64, mode rounding) string {
+	units := []struct {
+		suffix string
+		size   float64
+	}{{"Ti", 1 << 40}, {"Gi", 1 << 30}, {"Mi", 1 << 20}, {"Ki", 1 << 10}}
+	for _, u := range units {
+		if math.Abs(v) >= u.size {
+			return trimDecimals(v/u.size, mode) + u.suffix
+		}
+	}
+	return strconv.FormatFloat(v, 'f', 0, 64)
+}
+
+func trimDecimals(v float64, mode rounding) string {
+	scaled := v * 100
+	if mode == roundUp {
+		scaled = math.Ceil(scaled - 1e-6)
+	} else {
+		scaled = math.Floor(scaled + 1e-6)
+	}
+	return strconv.FormatFloat(scaled/100, 'f', -1, 64)
+}
