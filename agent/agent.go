@@ -42,6 +42,17 @@ type Config struct {
 	// BPFRoot is where the sysctl guards are pinned; its parent must be (or
 	// is made) a bpffs mount.
 	BPFRoot string
+	// Capacity is the node's CPU and memory; zero fields are detected.
+	Capacity cgroup.Amount
+	// Reserved is held back for the system and ferryd; nil: the default
+	// (cgroup.DefaultReservation).
+	Reserved *cgroup.Amount
+	// Detector configures the harden/relax loop; a zero Period means the
+	// defaults (cgroup.DefaultDetectorConfig) with PressureSource.
+	Detector cgroup.DetectorConfig
+	// PressureSource is "host" (/proc/pressure) or "parent" (the PSI of the
+	// cgroup parent's unified twin, i.e. of the containers only).
+	PressureSource string
 }
 
 // record is ferryd's part of a container's on-disk state: the request and
@@ -114,6 +125,12 @@ type Agent struct {
 
 	policy *sysctlguard.Policy
 	guards *sysctlguard.Manager
+
+	node     *cgroup.Node
+	elastic  *cgroup.Controller
+	refusals map[cgroup.Resource]uint64 // admission refusals, guarded by mu
+	stopLoop context.CancelFunc
+	loopDone chan struct{}
 }
 
 // containerNamespaces are the namespaces every ferry container has of its own.
@@ -169,7 +186,113 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 	if a.guards, err = sysctlguard.NewManager(cfg.BPFRoot); err != nil {
 		return nil, fmt.Errorf("bpf-root %s: %w", cfg.BPFRoot, err)
 	}
+	if err := a.newElastic(); err != nil {
+		return nil, err
+	}
 	return a, nil
+}
+
+// newElastic sets up admission and the harden/relax controller.
+func (a *Agent) newElastic() error {
+	cfg := a.cfg
+	capacity := cfg.Capacity
+	if capacity.CPU == 0 || capacity.Memory == 0 {
+		detected, err := cgroup.DetectCapacity("", "")
+		if err != nil {
+			return fmt.Errorf("node capacity: %w", err)
+		}
+		if capacity.CPU == 0 {
+			capacity.CPU = detected.CPU
+		}
+		if capacity.Memory == 0 {
+			capacity.Memory = detected.Memory
+		}
+	}
+	reserved := cgroup.DefaultReservation(capacity)
+	if cfg.Reserved != nil {
+		reserved = *cfg.Reserved
+	}
+	node, err := cgroup.NewNode(capacity, reserved)
+	if err != nil {
+		return fmt.Errorf("node resources: %w", err)
+	}
+	driver, err := cgroup.NewDriver("")
+	if err != nil {
+		return fmt.Errorf("cgroup driver: %w", err)
+	}
+	det := cfg.Detector
+	if det.Period == 0 {
+		det = cgroup.DefaultDetectorConfig()
+	}
+	if det.Source.Dir == "" {
+		det.Source = cgroup.HostPressure("")
+	}
+	switch cfg.PressureSource {
+	case "", "host":
+	case "parent":
+		dir, err := sysctlguard.CgroupDir(cfg.CgroupParent)
+		if err != nil {
+			return fmt.Errorf("pressure-source parent: %w", err)
+		}
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return fmt.Errorf("pressure-source parent: %w", err)
+		}
+		det.Source = cgroup.CgroupPressure(dir, cfg.CgroupParent)
+	default:
+		return fmt.Errorf("pressure-source %q: want host or parent: %w", cfg.PressureSource, ErrInvalidArgument)
+	}
+	ctl, err := cgroup.NewController(cgroup.ControllerConfig{
+		Node: node, Driver: driver, Parent: cfg.CgroupParent, Detector: det, Logger: a.log,
+		OnEvent: func(e cgroup.Event) {
+			attrs := map[string]string{"resource": string(e.Resource), "from": string(e.From), "to": string(e.To)}
+			for k, v := range e.Values {
+				attrs[k] = strconv.FormatFloat(v, 'g', 4, 64)
+			}
+			a.events.Publish(Event{Type: "node." + string(e.To), Time: e.Time.UTC(),
+				Message: fmt.Sprintf("%s %s: %s", e.Resource, e.To, e.Reason), Attrs: attrs})
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("elastic controller: %w", err)
+	}
+	a.node, a.elastic, a.refusals = node, ctl, map[cgroup.Resource]uint64{}
+	a.log.Info("node resources", "capacity_cpu", capacity.CPU, "capacity_memory", cgroup.FormatSize(capacity.Memory),
+		"reserved_cpu", reserved.CPU, "reserved_memory", cgroup.FormatSize(reserved.Memory), "driver", driver.Version(),
+		"pressure", det.Source.Dir)
+	return nil
+}
+
+func (a *Agent) elasticContainer(c *container) cgroup.Container {
+	return cgroup.Container{ID: c.name, Path: c.rec.Cgroup, Spec: c.rec.Spec.Resources}
+}
+
+// startElastic books the running containers' guarantees, re-applies their
+// effective limits and starts the harden/relax loop.
+func (a *Agent) startElastic(ctx context.Context) error {
+	booked := map[string]cgroup.Amount{}
+	var running []cgroup.Container
+	for _, c := range a.ctrs {
+		if c.state() == StateRunning {
+			booked[c.name] = c.rec.Spec.Resources.Guarantee
+			running = append(running, a.elasticContainer(c))
+		}
+	}
+	if err := a.node.Restore(booked); err != nil {
+		// Running containers are never refused; say loudly that the node is oversold.
+		a.log.Error("node oversold by the containers found at start", "err", err)
+	}
+	if err := a.elastic.Rebuild(ctx, running); err != nil {
+		a.log.Error("rebuild elastic limits", "err", err)
+	}
+	loopCtx, cancel := context.WithCancel(context.Background())
+	a.stopLoop, a.loopDone = cancel, make(chan struct{})
+	go func() {
+		defer close(a.loopDone)
+		if err := a.elastic.Run(loopCtx); err != nil && !errors.Is(err, context.Canceled) {
+			a.log.Error("elastic loop stopped", "err", err)
+		}
+	}()
+	return nil
 }
 
 // guardContainer attaches (or re-finds) c's sysctl guard and follows its
@@ -236,9 +359,13 @@ func criuVersion(path string) string {
 	return strings.TrimSpace(string(out))
 }
 
-// Close stops the agent's watchers. Containers keep running.
+// Close stops the agent's watchers and loops. Containers keep running.
 func (a *Agent) Close() {
 	close(a.done)
+	if a.stopLoop != nil {
+		a.stopLoop()
+		<-a.loopDone
+	}
 	a.watchers.Wait()
 }
 
@@ -268,6 +395,9 @@ func (a *Agent) Load(ctx context.Context) error {
 			Attrs: map[string]string{"state": c.state(), "pid": strconv.Itoa(pidOf(c))}})
 	}
 	a.reconcileGuards(ctx)
+	if err := a.startElastic(ctx); err != nil {
+		return err
+	}
 	// libcontainer state with no ferry container is a leftover of a crash.
 	lcs, _ := os.ReadDir(a.lcRoot)
 	for _, e := range lcs {
@@ -375,6 +505,11 @@ func (a *Agent) finishExit(c *container) {
 		c.reason = "exit status unknown: the container's monitor ended without recording it"
 	}
 	a.log.Info("container ended", "container", c.name, "exit_code", c.exit.ExitCode, "state", c.state())
+	// An ended container holds no guarantee and needs no limits.
+	if err := a.elastic.Remove(c.name); err != nil {
+		a.log.Debug("elastic remove", "container", c.name, "err", err)
+	}
+	a.node.Release(c.name)
 	a.events.Publish(Event{Type: EventContainerExited, Container: c.name,
 		Message: fmt.Sprintf("%s with exit code %d", c.state(), c.exit.ExitCode),
 		Attrs:   map[string]string{"exit_code": strconv.Itoa(c.exit.ExitCode), "state": c.state()}})
@@ -425,6 +560,25 @@ func (a *Agent) Run(ctx context.Context, spec Spec) (_ *container, retErr error)
 		}
 	}()
 
+	if err := a.node.Admit(spec.Name, spec.Resources.Guarantee); err != nil {
+		var ex *cgroup.ExhaustedError
+		if errors.As(err, &ex) {
+			a.mu.Lock()
+			for _, sh := range ex.Shortages {
+				a.refusals[sh.Resource]++
+			}
+			a.mu.Unlock()
+		}
+		log.Warn("admission refused", "err", err)
+		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
+	}
+	defer func() {
+		if retErr != nil {
+			_ = a.elastic.Remove(spec.Name)
+			a.node.Release(spec.Name)
+		}
+	}()
+
 	if err := os.Mkdir(c.dir, 0o700); err != nil {
 		return nil, fmt.Errorf("container %q: state dir: %w", spec.Name, err)
 	}
@@ -444,7 +598,7 @@ func (a *Agent) Run(ctx context.Context, spec Spec) (_ *container, retErr error)
 		return nil, fmt.Errorf("container %q: rootfs: %w", spec.Name, err)
 	}
 	oci := OCISpec(&spec, merged, c.rec.Cgroup)
-	cfg, err := LibcontainerConfig(oci, spec.Resources)
+	cfg, err := LibcontainerConfig(oci, a.elastic.EffectiveSpec(spec.Resources))
 	if err != nil {
 		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
 	}
@@ -467,6 +621,10 @@ func (a *Agent) Run(ctx context.Context, spec Spec) (_ *container, retErr error)
 	a.mu.Lock()
 	c.init, c.creating, c.exited = ii, false, make(chan struct{})
 	a.mu.Unlock()
+	if err := a.elastic.Add(ctx, a.elasticContainer(c)); err != nil {
+		// The container runs with the limits it was created with; the loop retries.
+		log.Error("elastic limits", "err", err)
+	}
 	// The monitor is our child until ferryd restarts: reap it and learn the
 	// exit at once. Close does not wait for this goroutine; a ferryd that
 	// exits leaves the monitor to its new parent.
@@ -913,4 +1071,26 @@ func (a *Agent) sysctlDenied(c *container) uint64 {
 		return 0
 	}
 	return n
+}
+
+// effectiveCeiling is the ceiling in force for c now.
+func (a *Agent) effectiveCeiling(c *container) cgroup.Amount {
+	if l, _, ok := a.elastic.Effective(c.name); ok {
+		return l.Ceiling
+	}
+	return a.elastic.EffectiveSpec(c.rec.Spec.Resources).Ceiling
+}
+
+// NodeReport is the node's elastic state.
+func (a *Agent) NodeReport() cgroup.NodeReport { return a.elastic.Report() }
+
+// ElasticMetrics returns the controller's counters and the admission refusals.
+func (a *Agent) ElasticMetrics() (cgroup.Metrics, map[cgroup.Resource]uint64) {
+	a.mu.Lock()
+	ref := make(map[cgroup.Resource]uint64, len(a.refusals))
+	for k, v := range a.refusals {
+		ref[k] = v
+	}
+	a.mu.Unlock()
+	return a.elastic.Metrics(), ref
 }

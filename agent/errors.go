@@ -40,7 +40,7 @@ func toStatus(err error) error {
 		code = codes.AlreadyExists
 	case errors.Is(err, ErrFailedPrecondition):
 		code = codes.FailedPrecondition
-	case errors.Is(err, ErrResourceExhausted):
+	case errors.Is(err, ErrResourceExhausted), errors.Is(err, cgroup.ErrExhausted):
 		code = codes.ResourceExhausted
 	case errors.Is(err, context.Canceled):
 		code = codes.Canceled

@@ -149,6 +149,7 @@ func ts(t time.Time) string {
 
 func (a *Agent) toAPI(c *container) *api.Container {
 	denied := a.sysctlDenied(c)
+	eff := a.effectiveCeiling(c)
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	r := c.rec.Spec.Resources
@@ -159,6 +160,7 @@ func (a *Agent) toAPI(c *container) *api.Container {
 		PidsMax:   r.PidsMax, CreatedAt: ts(c.rec.CreatedAt), Rootfs: c.rec.Spec.Rootfs,
 		Args: c.rec.Spec.Args, Hostname: c.rec.Spec.Hostname, Sysctls: c.rec.Spec.Sysctls,
 		Ip: c.rec.Spec.IP, StatusReason: c.reason, SysctlDenied: denied, CapAdd: c.rec.Spec.CapAdd,
+		EffectiveCeiling: &api.Resources{CpuCores: eff.CPU, MemoryBytes: eff.Memory},
 	}
 	if c.init != nil {
 		out.StartedAt = ts(c.init.StartedAt)
@@ -203,4 +205,31 @@ func (s *Server) Events(req *api.EventsRequest, stream api.Ferry_EventsServer) e
 		}
 	}
 	return nil
+}
+
+func resourceReport(r cgroup.ResourceReport) *api.ResourceReport {
+	return &api.ResourceReport{Resource: string(r.Resource), Unit: r.Unit, Capacity: r.Capacity, Reserved: r.Reserved,
+		Allocatable: r.Allocatable, Guaranteed: r.Guaranteed, Incoming: r.Incoming, Unguaranteed: r.Unguaranteed,
+		UnguaranteedShare: r.UnguaranteedShare, Used: r.Used, PressureAvg10: r.PressureAvg10,
+		State: string(r.State), Since: ts(r.Since)}
+}
+
+func amount(a cgroup.Amount) *api.Resources {
+	return &api.Resources{CpuCores: a.CPU, MemoryBytes: a.Memory}
+}
+
+// Node implements api.FerryServer.
+func (s *Server) Node(context.Context, *api.NodeRequest) (*api.NodeReport, error) {
+	r := s.a.NodeReport()
+	out := &api.NodeReport{NodeName: s.a.cfg.NodeName, Time: ts(r.Time), CgroupDriver: r.Driver,
+		Cpu: resourceReport(r.CPU), Memory: resourceReport(r.Memory), Scarcest: string(r.Scarcest)}
+	for _, c := range r.Containers {
+		cr := &api.ContainerResources{Name: c.ID, Guarantee: amount(c.Guarantee), Ceiling: amount(c.Ceiling),
+			EffectiveCeiling: amount(c.Effective), Used: &api.Resources{}}
+		if c.Usage != nil {
+			cr.Used.MemoryBytes = c.Usage.MemoryWorkingSet
+		}
+		out.Containers = append(out.Containers, cr)
+	}
+	return out, nil
 }

@@ -362,10 +362,13 @@ type Container struct {
 	// Why the container is in its state when that is not obvious (e.g. exit status unknown).
 	StatusReason string `protobuf:"bytes,18,opt,name=status_reason,json=statusReason,proto3" json:"status_reason,omitempty"`
 	// Writes to sysctls outside the container's allowlist refused by its sysctl guard.
-	SysctlDenied  uint64   `protobuf:"varint,19,opt,name=sysctl_denied,json=sysctlDenied,proto3" json:"sysctl_denied,omitempty"`
-	CapAdd        []string `protobuf:"bytes,20,rep,name=cap_add,json=capAdd,proto3" json:"cap_add,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	SysctlDenied uint64   `protobuf:"varint,19,opt,name=sysctl_denied,json=sysctlDenied,proto3" json:"sysctl_denied,omitempty"`
+	CapAdd       []string `protobuf:"bytes,20,rep,name=cap_add,json=capAdd,proto3" json:"cap_add,omitempty"`
+	// The ceiling in force now: the ceiling while the node is relaxed, the
+	// guarantee for a resource the node has hardened.
+	EffectiveCeiling *Resources `protobuf:"bytes,21,opt,name=effective_ceiling,json=effectiveCeiling,proto3" json:"effective_ceiling,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *Container) Reset() {
@@ -534,6 +537,13 @@ func (x *Container) GetSysctlDenied() uint64 {
 func (x *Container) GetCapAdd() []string {
 	if x != nil {
 		return x.CapAdd
+	}
+	return nil
+}
+
+func (x *Container) GetEffectiveCeiling() *Resources {
+	if x != nil {
+		return x.EffectiveCeiling
 	}
 	return nil
 }
@@ -1211,6 +1221,356 @@ func (x *Event) GetSeq() uint64 {
 	return 0
 }
 
+type NodeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeRequest) Reset() {
+	*x = NodeRequest{}
+	mi := &file_ferry_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeRequest) ProtoMessage() {}
+
+func (x *NodeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeRequest.ProtoReflect.Descriptor instead.
+func (*NodeRequest) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{17}
+}
+
+type ResourceReport struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "cpu" or "memory"; amounts are in "cores" or "bytes" (unit).
+	Resource    string  `protobuf:"bytes,1,opt,name=resource,proto3" json:"resource,omitempty"`
+	Unit        string  `protobuf:"bytes,2,opt,name=unit,proto3" json:"unit,omitempty"`
+	Capacity    float64 `protobuf:"fixed64,3,opt,name=capacity,proto3" json:"capacity,omitempty"`
+	Reserved    float64 `protobuf:"fixed64,4,opt,name=reserved,proto3" json:"reserved,omitempty"`
+	Allocatable float64 `protobuf:"fixed64,5,opt,name=allocatable,proto3" json:"allocatable,omitempty"`
+	// Admitted guarantees plus reservations for incoming migrations.
+	Guaranteed   float64 `protobuf:"fixed64,6,opt,name=guaranteed,proto3" json:"guaranteed,omitempty"`
+	Incoming     float64 `protobuf:"fixed64,7,opt,name=incoming,proto3" json:"incoming,omitempty"`
+	Unguaranteed float64 `protobuf:"fixed64,8,opt,name=unguaranteed,proto3" json:"unguaranteed,omitempty"`
+	// unguaranteed / allocatable.
+	UnguaranteedShare float64 `protobuf:"fixed64,9,opt,name=unguaranteed_share,json=unguaranteedShare,proto3" json:"unguaranteed_share,omitempty"`
+	Used              float64 `protobuf:"fixed64,10,opt,name=used,proto3" json:"used,omitempty"`
+	// PSI "some" avg10 of the pressure source, percent.
+	PressureAvg10 float64 `protobuf:"fixed64,11,opt,name=pressure_avg10,json=pressureAvg10,proto3" json:"pressure_avg10,omitempty"`
+	// "relaxed" or "hardened", and since when (RFC 3339).
+	State         string `protobuf:"bytes,12,opt,name=state,proto3" json:"state,omitempty"`
+	Since         string `protobuf:"bytes,13,opt,name=since,proto3" json:"since,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResourceReport) Reset() {
+	*x = ResourceReport{}
+	mi := &file_ferry_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResourceReport) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResourceReport) ProtoMessage() {}
+
+func (x *ResourceReport) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResourceReport.ProtoReflect.Descriptor instead.
+func (*ResourceReport) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *ResourceReport) GetResource() string {
+	if x != nil {
+		return x.Resource
+	}
+	return ""
+}
+
+func (x *ResourceReport) GetUnit() string {
+	if x != nil {
+		return x.Unit
+	}
+	return ""
+}
+
+func (x *ResourceReport) GetCapacity() float64 {
+	if x != nil {
+		return x.Capacity
+	}
+	return 0
+}
+
+func (x *ResourceReport) GetReserved() float64 {
+	if x != nil {
+		return x.Reserved
+	}
+	return 0
+}
+
+func (x *ResourceReport) GetAllocatable() float64 {
+	if x != nil {
+		return x.Allocatable
+	}
+	return 0
+}
+
+func (x *ResourceReport) GetGuaranteed() float64 {
+	if x != nil {
+		return x.Guaranteed
+	}
+	return 0
+}
+
+func (x *ResourceReport) GetIncoming() float64 {
+	if x != nil {
+		return x.Incoming
+	}
+	return 0
+}
+
+func (x *ResourceReport) GetUnguaranteed() float64 {
+	if x != nil {
+		return x.Unguaranteed
+	}
+	return 0
+}
+
+func (x *ResourceReport) GetUnguaranteedShare() float64 {
+	if x != nil {
+		return x.UnguaranteedShare
+	}
+	return 0
+}
+
+func (x *ResourceReport) GetUsed() float64 {
+	if x != nil {
+		return x.Used
+	}
+	return 0
+}
+
+func (x *ResourceReport) GetPressureAvg10() float64 {
+	if x != nil {
+		return x.PressureAvg10
+	}
+	return 0
+}
+
+func (x *ResourceReport) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *ResourceReport) GetSince() string {
+	if x != nil {
+		return x.Since
+	}
+	return ""
+}
+
+type ContainerResources struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	Name             string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Guarantee        *Resources             `protobuf:"bytes,2,opt,name=guarantee,proto3" json:"guarantee,omitempty"`
+	Ceiling          *Resources             `protobuf:"bytes,3,opt,name=ceiling,proto3" json:"ceiling,omitempty"`
+	EffectiveCeiling *Resources             `protobuf:"bytes,4,opt,name=effective_ceiling,json=effectiveCeiling,proto3" json:"effective_ceiling,omitempty"`
+	Used             *Resources             `protobuf:"bytes,5,opt,name=used,proto3" json:"used,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *ContainerResources) Reset() {
+	*x = ContainerResources{}
+	mi := &file_ferry_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ContainerResources) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ContainerResources) ProtoMessage() {}
+
+func (x *ContainerResources) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ContainerResources.ProtoReflect.Descriptor instead.
+func (*ContainerResources) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *ContainerResources) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ContainerResources) GetGuarantee() *Resources {
+	if x != nil {
+		return x.Guarantee
+	}
+	return nil
+}
+
+func (x *ContainerResources) GetCeiling() *Resources {
+	if x != nil {
+		return x.Ceiling
+	}
+	return nil
+}
+
+func (x *ContainerResources) GetEffectiveCeiling() *Resources {
+	if x != nil {
+		return x.EffectiveCeiling
+	}
+	return nil
+}
+
+func (x *ContainerResources) GetUsed() *Resources {
+	if x != nil {
+		return x.Used
+	}
+	return nil
+}
+
+type NodeReport struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	NodeName     string                 `protobuf:"bytes,1,opt,name=node_name,json=nodeName,proto3" json:"node_name,omitempty"`
+	Time         string                 `protobuf:"bytes,2,opt,name=time,proto3" json:"time,omitempty"`
+	CgroupDriver string                 `protobuf:"bytes,3,opt,name=cgroup_driver,json=cgroupDriver,proto3" json:"cgroup_driver,omitempty"`
+	Cpu          *ResourceReport        `protobuf:"bytes,4,opt,name=cpu,proto3" json:"cpu,omitempty"`
+	Memory       *ResourceReport        `protobuf:"bytes,5,opt,name=memory,proto3" json:"memory,omitempty"`
+	// The resource whose unguaranteed remainder is the smallest share of allocatable.
+	Scarcest      string                `protobuf:"bytes,6,opt,name=scarcest,proto3" json:"scarcest,omitempty"`
+	Containers    []*ContainerResources `protobuf:"bytes,7,rep,name=containers,proto3" json:"containers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeReport) Reset() {
+	*x = NodeReport{}
+	mi := &file_ferry_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeReport) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeReport) ProtoMessage() {}
+
+func (x *NodeReport) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeReport.ProtoReflect.Descriptor instead.
+func (*NodeReport) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *NodeReport) GetNodeName() string {
+	if x != nil {
+		return x.NodeName
+	}
+	return ""
+}
+
+func (x *NodeReport) GetTime() string {
+	if x != nil {
+		return x.Time
+	}
+	return ""
+}
+
+func (x *NodeReport) GetCgroupDriver() string {
+	if x != nil {
+		return x.CgroupDriver
+	}
+	return ""
+}
+
+func (x *NodeReport) GetCpu() *ResourceReport {
+	if x != nil {
+		return x.Cpu
+	}
+	return nil
+}
+
+func (x *NodeReport) GetMemory() *ResourceReport {
+	if x != nil {
+		return x.Memory
+	}
+	return nil
+}
+
+func (x *NodeReport) GetScarcest() string {
+	if x != nil {
+		return x.Scarcest
+	}
+	return ""
+}
+
+func (x *NodeReport) GetContainers() []*ContainerResources {
+	if x != nil {
+		return x.Containers
+	}
+	return nil
+}
+
 var File_ferry_proto protoreflect.FileDescriptor
 
 const file_ferry_proto_rawDesc = "" +
@@ -1245,7 +1605,7 @@ const file_ferry_proto_rawDesc = "" +
 	"\acap_add\x18\f \x03(\tR\x06capAdd\x1a:\n" +
 	"\fSysctlsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x9d\x05\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xdf\x05\n" +
 	"\tContainer\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\x12\x10\n" +
@@ -1270,7 +1630,8 @@ const file_ferry_proto_rawDesc = "" +
 	"\asysctls\x18\x11 \x03(\v2 .ferry.v1.Container.SysctlsEntryR\asysctls\x12#\n" +
 	"\rstatus_reason\x18\x12 \x01(\tR\fstatusReason\x12#\n" +
 	"\rsysctl_denied\x18\x13 \x01(\x04R\fsysctlDenied\x12\x17\n" +
-	"\acap_add\x18\x14 \x03(\tR\x06capAdd\x1a:\n" +
+	"\acap_add\x18\x14 \x03(\tR\x06capAdd\x12@\n" +
+	"\x11effective_ceiling\x18\x15 \x01(\v2\x13.ferry.v1.ResourcesR\x10effectiveCeiling\x1a:\n" +
 	"\fSysctlsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x17\n" +
@@ -1319,7 +1680,42 @@ const file_ferry_proto_rawDesc = "" +
 	"\x03seq\x18\x06 \x01(\x04R\x03seq\x1a=\n" +
 	"\x0fAttributesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x012\xe4\x04\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\r\n" +
+	"\vNodeRequest\"\x90\x03\n" +
+	"\x0eResourceReport\x12\x1a\n" +
+	"\bresource\x18\x01 \x01(\tR\bresource\x12\x12\n" +
+	"\x04unit\x18\x02 \x01(\tR\x04unit\x12\x1a\n" +
+	"\bcapacity\x18\x03 \x01(\x01R\bcapacity\x12\x1a\n" +
+	"\breserved\x18\x04 \x01(\x01R\breserved\x12 \n" +
+	"\vallocatable\x18\x05 \x01(\x01R\vallocatable\x12\x1e\n" +
+	"\n" +
+	"guaranteed\x18\x06 \x01(\x01R\n" +
+	"guaranteed\x12\x1a\n" +
+	"\bincoming\x18\a \x01(\x01R\bincoming\x12\"\n" +
+	"\funguaranteed\x18\b \x01(\x01R\funguaranteed\x12-\n" +
+	"\x12unguaranteed_share\x18\t \x01(\x01R\x11unguaranteedShare\x12\x12\n" +
+	"\x04used\x18\n" +
+	" \x01(\x01R\x04used\x12%\n" +
+	"\x0epressure_avg10\x18\v \x01(\x01R\rpressureAvg10\x12\x14\n" +
+	"\x05state\x18\f \x01(\tR\x05state\x12\x14\n" +
+	"\x05since\x18\r \x01(\tR\x05since\"\xf5\x01\n" +
+	"\x12ContainerResources\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x121\n" +
+	"\tguarantee\x18\x02 \x01(\v2\x13.ferry.v1.ResourcesR\tguarantee\x12-\n" +
+	"\aceiling\x18\x03 \x01(\v2\x13.ferry.v1.ResourcesR\aceiling\x12@\n" +
+	"\x11effective_ceiling\x18\x04 \x01(\v2\x13.ferry.v1.ResourcesR\x10effectiveCeiling\x12'\n" +
+	"\x04used\x18\x05 \x01(\v2\x13.ferry.v1.ResourcesR\x04used\"\x9a\x02\n" +
+	"\n" +
+	"NodeReport\x12\x1b\n" +
+	"\tnode_name\x18\x01 \x01(\tR\bnodeName\x12\x12\n" +
+	"\x04time\x18\x02 \x01(\tR\x04time\x12#\n" +
+	"\rcgroup_driver\x18\x03 \x01(\tR\fcgroupDriver\x12*\n" +
+	"\x03cpu\x18\x04 \x01(\v2\x18.ferry.v1.ResourceReportR\x03cpu\x120\n" +
+	"\x06memory\x18\x05 \x01(\v2\x18.ferry.v1.ResourceReportR\x06memory\x12\x1a\n" +
+	"\bscarcest\x18\x06 \x01(\tR\bscarcest\x12<\n" +
+	"\n" +
+	"containers\x18\a \x03(\v2\x1c.ferry.v1.ContainerResourcesR\n" +
+	"containers2\x99\x05\n" +
 	"\x05Ferry\x12>\n" +
 	"\aVersion\x12\x18.ferry.v1.VersionRequest\x1a\x19.ferry.v1.VersionResponse\x12B\n" +
 	"\fRunContainer\x12\x1d.ferry.v1.RunContainerRequest\x1a\x13.ferry.v1.Container\x12S\n" +
@@ -1329,7 +1725,8 @@ const file_ferry_proto_rawDesc = "" +
 	"\x0fRemoveContainer\x12 .ferry.v1.RemoveContainerRequest\x1a!.ferry.v1.RemoveContainerResponse\x125\n" +
 	"\x04Exec\x12\x15.ferry.v1.ExecRequest\x1a\x14.ferry.v1.ExecOutput0\x01\x123\n" +
 	"\x04Logs\x12\x15.ferry.v1.LogsRequest\x1a\x12.ferry.v1.LogChunk0\x01\x124\n" +
-	"\x06Events\x12\x17.ferry.v1.EventsRequest\x1a\x0f.ferry.v1.Event0\x01B,Z*github.com/ferry-agent/ferry/agent/api;apib\x06proto3"
+	"\x06Events\x12\x17.ferry.v1.EventsRequest\x1a\x0f.ferry.v1.Event0\x01\x123\n" +
+	"\x04Node\x12\x15.ferry.v1.NodeRequest\x1a\x14.ferry.v1.NodeReportB,Z*github.com/ferry-agent/ferry/agent/api;apib\x06proto3"
 
 var (
 	file_ferry_proto_rawDescOnce sync.Once
@@ -1343,7 +1740,7 @@ func file_ferry_proto_rawDescGZIP() []byte {
 	return file_ferry_proto_rawDescData
 }
 
-var file_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_ferry_proto_goTypes = []any{
 	(*VersionRequest)(nil),          // 0: ferry.v1.VersionRequest
 	(*VersionResponse)(nil),         // 1: ferry.v1.VersionResponse
@@ -1362,42 +1759,56 @@ var file_ferry_proto_goTypes = []any{
 	(*LogChunk)(nil),                // 14: ferry.v1.LogChunk
 	(*EventsRequest)(nil),           // 15: ferry.v1.EventsRequest
 	(*Event)(nil),                   // 16: ferry.v1.Event
-	nil,                             // 17: ferry.v1.RunContainerRequest.SysctlsEntry
-	nil,                             // 18: ferry.v1.Container.SysctlsEntry
-	nil,                             // 19: ferry.v1.Event.AttributesEntry
+	(*NodeRequest)(nil),             // 17: ferry.v1.NodeRequest
+	(*ResourceReport)(nil),          // 18: ferry.v1.ResourceReport
+	(*ContainerResources)(nil),      // 19: ferry.v1.ContainerResources
+	(*NodeReport)(nil),              // 20: ferry.v1.NodeReport
+	nil,                             // 21: ferry.v1.RunContainerRequest.SysctlsEntry
+	nil,                             // 22: ferry.v1.Container.SysctlsEntry
+	nil,                             // 23: ferry.v1.Event.AttributesEntry
 }
 var file_ferry_proto_depIdxs = []int32{
 	2,  // 0: ferry.v1.RunContainerRequest.guarantee:type_name -> ferry.v1.Resources
 	2,  // 1: ferry.v1.RunContainerRequest.ceiling:type_name -> ferry.v1.Resources
-	17, // 2: ferry.v1.RunContainerRequest.sysctls:type_name -> ferry.v1.RunContainerRequest.SysctlsEntry
+	21, // 2: ferry.v1.RunContainerRequest.sysctls:type_name -> ferry.v1.RunContainerRequest.SysctlsEntry
 	2,  // 3: ferry.v1.Container.guarantee:type_name -> ferry.v1.Resources
 	2,  // 4: ferry.v1.Container.ceiling:type_name -> ferry.v1.Resources
-	18, // 5: ferry.v1.Container.sysctls:type_name -> ferry.v1.Container.SysctlsEntry
-	4,  // 6: ferry.v1.ListContainersResponse.containers:type_name -> ferry.v1.Container
-	19, // 7: ferry.v1.Event.attributes:type_name -> ferry.v1.Event.AttributesEntry
-	0,  // 8: ferry.v1.Ferry.Version:input_type -> ferry.v1.VersionRequest
-	3,  // 9: ferry.v1.Ferry.RunContainer:input_type -> ferry.v1.RunContainerRequest
-	5,  // 10: ferry.v1.Ferry.ListContainers:input_type -> ferry.v1.ListContainersRequest
-	7,  // 11: ferry.v1.Ferry.GetContainer:input_type -> ferry.v1.GetContainerRequest
-	8,  // 12: ferry.v1.Ferry.StopContainer:input_type -> ferry.v1.StopContainerRequest
-	9,  // 13: ferry.v1.Ferry.RemoveContainer:input_type -> ferry.v1.RemoveContainerRequest
-	11, // 14: ferry.v1.Ferry.Exec:input_type -> ferry.v1.ExecRequest
-	13, // 15: ferry.v1.Ferry.Logs:input_type -> ferry.v1.LogsRequest
-	15, // 16: ferry.v1.Ferry.Events:input_type -> ferry.v1.EventsRequest
-	1,  // 17: ferry.v1.Ferry.Version:output_type -> ferry.v1.VersionResponse
-	4,  // 18: ferry.v1.Ferry.RunContainer:output_type -> ferry.v1.Container
-	6,  // 19: ferry.v1.Ferry.ListContainers:output_type -> ferry.v1.ListContainersResponse
-	4,  // 20: ferry.v1.Ferry.GetContainer:output_type -> ferry.v1.Container
-	4,  // 21: ferry.v1.Ferry.StopContainer:output_type -> ferry.v1.Container
-	10, // 22: ferry.v1.Ferry.RemoveContainer:output_type -> ferry.v1.RemoveContainerResponse
-	12, // 23: ferry.v1.Ferry.Exec:output_type -> ferry.v1.ExecOutput
-	14, // 24: ferry.v1.Ferry.Logs:output_type -> ferry.v1.LogChunk
-	16, // 25: ferry.v1.Ferry.Events:output_type -> ferry.v1.Event
-	17, // [17:26] is the sub-list for method output_type
-	8,  // [8:17] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	22, // 5: ferry.v1.Container.sysctls:type_name -> ferry.v1.Container.SysctlsEntry
+	2,  // 6: ferry.v1.Container.effective_ceiling:type_name -> ferry.v1.Resources
+	4,  // 7: ferry.v1.ListContainersResponse.containers:type_name -> ferry.v1.Container
+	23, // 8: ferry.v1.Event.attributes:type_name -> ferry.v1.Event.AttributesEntry
+	2,  // 9: ferry.v1.ContainerResources.guarantee:type_name -> ferry.v1.Resources
+	2,  // 10: ferry.v1.ContainerResources.ceiling:type_name -> ferry.v1.Resources
+	2,  // 11: ferry.v1.ContainerResources.effective_ceiling:type_name -> ferry.v1.Resources
+	2,  // 12: ferry.v1.ContainerResources.used:type_name -> ferry.v1.Resources
+	18, // 13: ferry.v1.NodeReport.cpu:type_name -> ferry.v1.ResourceReport
+	18, // 14: ferry.v1.NodeReport.memory:type_name -> ferry.v1.ResourceReport
+	19, // 15: ferry.v1.NodeReport.containers:type_name -> ferry.v1.ContainerResources
+	0,  // 16: ferry.v1.Ferry.Version:input_type -> ferry.v1.VersionRequest
+	3,  // 17: ferry.v1.Ferry.RunContainer:input_type -> ferry.v1.RunContainerRequest
+	5,  // 18: ferry.v1.Ferry.ListContainers:input_type -> ferry.v1.ListContainersRequest
+	7,  // 19: ferry.v1.Ferry.GetContainer:input_type -> ferry.v1.GetContainerRequest
+	8,  // 20: ferry.v1.Ferry.StopContainer:input_type -> ferry.v1.StopContainerRequest
+	9,  // 21: ferry.v1.Ferry.RemoveContainer:input_type -> ferry.v1.RemoveContainerRequest
+	11, // 22: ferry.v1.Ferry.Exec:input_type -> ferry.v1.ExecRequest
+	13, // 23: ferry.v1.Ferry.Logs:input_type -> ferry.v1.LogsRequest
+	15, // 24: ferry.v1.Ferry.Events:input_type -> ferry.v1.EventsRequest
+	17, // 25: ferry.v1.Ferry.Node:input_type -> ferry.v1.NodeRequest
+	1,  // 26: ferry.v1.Ferry.Version:output_type -> ferry.v1.VersionResponse
+	4,  // 27: ferry.v1.Ferry.RunContainer:output_type -> ferry.v1.Container
+	6,  // 28: ferry.v1.Ferry.ListContainers:output_type -> ferry.v1.ListContainersResponse
+	4,  // 29: ferry.v1.Ferry.GetContainer:output_type -> ferry.v1.Container
+	4,  // 30: ferry.v1.Ferry.StopContainer:output_type -> ferry.v1.Container
+	10, // 31: ferry.v1.Ferry.RemoveContainer:output_type -> ferry.v1.RemoveContainerResponse
+	12, // 32: ferry.v1.Ferry.Exec:output_type -> ferry.v1.ExecOutput
+	14, // 33: ferry.v1.Ferry.Logs:output_type -> ferry.v1.LogChunk
+	16, // 34: ferry.v1.Ferry.Events:output_type -> ferry.v1.Event
+	20, // 35: ferry.v1.Ferry.Node:output_type -> ferry.v1.NodeReport
+	26, // [26:36] is the sub-list for method output_type
+	16, // [16:26] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_ferry_proto_init() }
@@ -1416,7 +1827,7 @@ func file_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_proto_rawDesc), len(file_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   20,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

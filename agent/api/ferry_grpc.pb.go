@@ -31,6 +31,7 @@ const (
 	Ferry_Exec_FullMethodName            = "/ferry.v1.Ferry/Exec"
 	Ferry_Logs_FullMethodName            = "/ferry.v1.Ferry/Logs"
 	Ferry_Events_FullMethodName          = "/ferry.v1.Ferry/Events"
+	Ferry_Node_FullMethodName            = "/ferry.v1.Ferry/Node"
 )
 
 // FerryClient is the client API for Ferry service.
@@ -56,6 +57,10 @@ type FerryClient interface {
 	// Events streams the agent's events: container lifecycle, pressure
 	// transitions, denied sysctl writes. Recent events are replayed first.
 	Events(ctx context.Context, in *EventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Event], error)
+	// Node reports the node's resources for the controller that places
+	// containers: capacity, allocatable, guaranteed, used, pressure and the
+	// harden/relax state per resource, and the scarcest resource.
+	Node(ctx context.Context, in *NodeRequest, opts ...grpc.CallOption) (*NodeReport, error)
 }
 
 type ferryClient struct {
@@ -183,6 +188,16 @@ func (c *ferryClient) Events(ctx context.Context, in *EventsRequest, opts ...grp
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Ferry_EventsClient = grpc.ServerStreamingClient[Event]
 
+func (c *ferryClient) Node(ctx context.Context, in *NodeRequest, opts ...grpc.CallOption) (*NodeReport, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(NodeReport)
+	err := c.cc.Invoke(ctx, Ferry_Node_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // FerryServer is the server API for Ferry service.
 // All implementations must embed UnimplementedFerryServer
 // for forward compatibility.
@@ -206,6 +221,10 @@ type FerryServer interface {
 	// Events streams the agent's events: container lifecycle, pressure
 	// transitions, denied sysctl writes. Recent events are replayed first.
 	Events(*EventsRequest, grpc.ServerStreamingServer[Event]) error
+	// Node reports the node's resources for the controller that places
+	// containers: capacity, allocatable, guaranteed, used, pressure and the
+	// harden/relax state per resource, and the scarcest resource.
+	Node(context.Context, *NodeRequest) (*NodeReport, error)
 	mustEmbedUnimplementedFerryServer()
 }
 
@@ -242,6 +261,9 @@ func (UnimplementedFerryServer) Logs(*LogsRequest, grpc.ServerStreamingServer[Lo
 }
 func (UnimplementedFerryServer) Events(*EventsRequest, grpc.ServerStreamingServer[Event]) error {
 	return status.Errorf(codes.Unimplemented, "method Events not implemented")
+}
+func (UnimplementedFerryServer) Node(context.Context, *NodeRequest) (*NodeReport, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Node not implemented")
 }
 func (UnimplementedFerryServer) mustEmbedUnimplementedFerryServer() {}
 func (UnimplementedFerryServer) testEmbeddedByValue()               {}
@@ -405,6 +427,24 @@ func _Ferry_Events_Handler(srv interface{}, stream grpc.ServerStream) error {
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Ferry_EventsServer = grpc.ServerStreamingServer[Event]
 
+func _Ferry_Node_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(NodeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(FerryServer).Node(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Ferry_Node_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(FerryServer).Node(ctx, req.(*NodeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Ferry_ServiceDesc is the grpc.ServiceDesc for Ferry service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -435,6 +475,10 @@ var Ferry_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RemoveContainer",
 			Handler:    _Ferry_RemoveContainer_Handler,
+		},
+		{
+			MethodName: "Node",
+			Handler:    _Ferry_Node_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -30,7 +30,10 @@ type ContainerView struct {
 	Sysctls      map[string]string `json:"sysctls"`
 	StatusReason string            `json:"status_reason"`
 	SysctlDenied uint64            `json:"sysctl_denied"`
-	CapAdd       []string          `json:"cap_add"`
+	// EffectiveCeiling is the ceiling in force now (the guarantee of a
+	// resource the node has hardened).
+	EffectiveCeiling ResourcesView `json:"effective_ceiling"`
+	CapAdd           []string      `json:"cap_add"`
 }
 
 func resView(r *api.Resources) ResourcesView {
@@ -46,6 +49,7 @@ func View(c *api.Container) ContainerView {
 		CreatedAt: c.GetCreatedAt(), StartedAt: c.GetStartedAt(), FinishedAt: c.GetFinishedAt(),
 		Rootfs: c.GetRootfs(), Args: c.GetArgs(), Hostname: c.GetHostname(), Sysctls: c.GetSysctls(),
 		StatusReason: c.GetStatusReason(), SysctlDenied: c.GetSysctlDenied(), CapAdd: c.GetCapAdd(),
+		EffectiveCeiling: resView(c.GetEffectiveCeiling()),
 	}
 	if v.CapAdd == nil {
 		v.CapAdd = []string{}
@@ -75,6 +79,62 @@ func EventView(e *api.Event) EventJSON {
 		Message: e.GetMessage(), Attributes: e.GetAttributes()}
 	if v.Attributes == nil {
 		v.Attributes = map[string]string{}
+	}
+	return v
+}
+
+// ResourceReportView is one resource of the node report.
+type ResourceReportView struct {
+	Resource          string  `json:"resource"`
+	Unit              string  `json:"unit"`
+	Capacity          float64 `json:"capacity"`
+	Reserved          float64 `json:"reserved"`
+	Allocatable       float64 `json:"allocatable"`
+	Guaranteed        float64 `json:"guaranteed"`
+	Incoming          float64 `json:"incoming"`
+	Unguaranteed      float64 `json:"unguaranteed"`
+	UnguaranteedShare float64 `json:"unguaranteed_share"`
+	Used              float64 `json:"used"`
+	PressureAvg10     float64 `json:"pressure_avg10"`
+	State             string  `json:"state"`
+	Since             string  `json:"since"`
+}
+
+// ContainerResourcesView is one container of the node report.
+type ContainerResourcesView struct {
+	Name             string        `json:"name"`
+	Guarantee        ResourcesView `json:"guarantee"`
+	Ceiling          ResourcesView `json:"ceiling"`
+	EffectiveCeiling ResourcesView `json:"effective_ceiling"`
+	Used             ResourcesView `json:"used"`
+}
+
+// NodeReportView is the stable JSON form of the node report (ferryctl node -o json).
+type NodeReportView struct {
+	NodeName     string                   `json:"node_name"`
+	Time         string                   `json:"time"`
+	CgroupDriver string                   `json:"cgroup_driver"`
+	CPU          ResourceReportView       `json:"cpu"`
+	Memory       ResourceReportView       `json:"memory"`
+	Scarcest     string                   `json:"scarcest"`
+	Containers   []ContainerResourcesView `json:"containers"`
+}
+
+func resReportView(r *api.ResourceReport) ResourceReportView {
+	return ResourceReportView{Resource: r.GetResource(), Unit: r.GetUnit(), Capacity: r.GetCapacity(), Reserved: r.GetReserved(),
+		Allocatable: r.GetAllocatable(), Guaranteed: r.GetGuaranteed(), Incoming: r.GetIncoming(),
+		Unguaranteed: r.GetUnguaranteed(), UnguaranteedShare: r.GetUnguaranteedShare(), Used: r.GetUsed(),
+		PressureAvg10: r.GetPressureAvg10(), State: r.GetState(), Since: r.GetSince()}
+}
+
+// NodeView converts an API node report to its JSON form.
+func NodeView(r *api.NodeReport) NodeReportView {
+	v := NodeReportView{NodeName: r.GetNodeName(), Time: r.GetTime(), CgroupDriver: r.GetCgroupDriver(),
+		CPU: resReportView(r.GetCpu()), Memory: resReportView(r.GetMemory()), Scarcest: r.GetScarcest(),
+		Containers: []ContainerResourcesView{}}
+	for _, c := range r.GetContainers() {
+		v.Containers = append(v.Containers, ContainerResourcesView{Name: c.GetName(), Guarantee: resView(c.GetGuarantee()),
+			Ceiling: resView(c.GetCeiling()), EffectiveCeiling: resView(c.GetEffectiveCeiling()), Used: resView(c.GetUsed())})
 	}
 	return v
 }

@@ -68,7 +68,7 @@ func rootCmd() *cobra.Command {
 		def = client.DefaultSocket
 	}
 	root.PersistentFlags().StringVar(&socket, "socket", def, "ferryd's local socket (env FERRY_SOCKET)")
-	root.AddCommand(runCmd(), psCmd(), inspectCmd(), logsCmd(), execCmd(), stopCmd(), rmCmd(), versionCmd(), certsCmd(), eventsCmd())
+	root.AddCommand(runCmd(), psCmd(), inspectCmd(), logsCmd(), execCmd(), stopCmd(), rmCmd(), versionCmd(), certsCmd(), eventsCmd(), nodeCmd())
 	return root
 }
 
@@ -187,14 +187,14 @@ func psCmd() *cobra.Command {
 				return printJSON(items)
 			default:
 				tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-				_, _ = fmt.Fprintln(tw, "NAME\tSTATE\tPID\tIP\tCPU G/L\tMEM G/L\tSTARTED\tCOMMAND")
+				_, _ = fmt.Fprintln(tw, "NAME\tSTATE\tPID\tIP\tCPU G/EFF\tMEM G/EFF\tSTARTED\tCOMMAND")
 				for _, ct := range resp.Containers {
 					state := ct.State
 					if ct.State == "exited" || ct.State == "stopped" {
 						state = fmt.Sprintf("%s (%d)", ct.State, ct.ExitCode)
 					}
 					_, _ = fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", ct.Name, state, ct.Pid, dash(ct.Ip),
-						cpuPair(ct.Guarantee, ct.Ceiling), memPair(ct.Guarantee, ct.Ceiling), since(ct.StartedAt), strings.Join(ct.Args, " "))
+						cpuPair(ct.Guarantee, ct.EffectiveCeiling), memPair(ct.Guarantee, ct.EffectiveCeiling), since(ct.StartedAt), strings.Join(ct.Args, " "))
 				}
 				return tw.Flush()
 			}
@@ -492,4 +492,64 @@ func eventsCmd() *cobra.Command {
 	cmd.Flags().StringArrayVar(&types, "type", nil, "only events of this type (repeatable)")
 	cmd.Flags().StringVarP(&output, "output", "o", "text", "text or json (one object per line)")
 	return cmd
+}
+
+func nodeCmd() *cobra.Command {
+	var output string
+	cmd := &cobra.Command{
+		Use:   "node",
+		Short: "Show the node's resources: capacity, allocatable, guaranteed, used, pressure, state, scarcest",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if output != "table" && output != "json" {
+				return fmt.Errorf("-o %q: want table or json", output)
+			}
+			c, err := dial()
+			if err != nil {
+				return err
+			}
+			defer func() { _ = c.Close() }()
+			r, err := c.Node(cmd.Context(), &api.NodeRequest{})
+			if err != nil {
+				return c.Explain(err)
+			}
+			if output == "json" {
+				return printJSON(client.NodeView(r))
+			}
+			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			_, _ = fmt.Fprintln(tw, "RESOURCE\tCAPACITY\tRESERVED\tALLOCATABLE\tGUARANTEED\tFREE\tUSED\tPRESSURE(avg10)\tSTATE")
+			for _, rr := range []*api.ResourceReport{r.Cpu, r.Memory} {
+				f := func(v float64) string {
+					if rr.GetUnit() == "bytes" {
+						return humanBytes(v)
+					}
+					return fmt.Sprintf("%.2f", v)
+				}
+				_, _ = fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s (%.0f%%)\t%s\t%.1f%%\t%s\n", rr.GetResource(), f(rr.GetCapacity()),
+					f(rr.GetReserved()), f(rr.GetAllocatable()), f(rr.GetGuaranteed()), f(rr.GetUnguaranteed()),
+					100*rr.GetUnguaranteedShare(), f(rr.GetUsed()), rr.GetPressureAvg10(), rr.GetState())
+			}
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			fmt.Printf("scarcest: %s    node: %s    cgroup driver: %s\n", r.Scarcest, r.NodeName, r.CgroupDriver)
+			return nil
+		},
+	}
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
+	return cmd
+}
+
+// humanBytes renders a byte count with two decimals in the largest binary unit.
+func humanBytes(v float64) string {
+	units := []string{"", "Ki", "Mi", "Gi", "Ti"}
+	i := 0
+	for v >= 1024 && i < len(units)-1 {
+		v /= 1024
+		i++
+	}
+	if i == 0 {
+		return fmt.Sprintf("%.0f", v)
+	}
+	return fmt.Sprintf("%.2f%s", v, units[i])
 }

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -26,6 +27,7 @@ import (
 
 	"github.com/ferry-agent/ferry/agent"
 	"github.com/ferry-agent/ferry/agent/api"
+	"github.com/ferry-agent/ferry/cgroup"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -42,7 +44,9 @@ func init() {
 type options struct {
 	config, root, runDir, socket, listen, tlsDir, nodeName, cgroupParent string
 	defaultRootfs, criu, logLevel, logFormat, bpfRoot                    string
+	capacityCPU, capacityMem, reserveCPU, reserveMem, pressure, metrics  string
 	logMax                                                               int64
+	relaxMem, relaxCPU                                                   time.Duration
 	sysctlAllow                                                          []string
 }
 
@@ -99,6 +103,14 @@ init and its per-container monitor); they are not meant to be run by hand.`,
 	f.Int64Var(&o.logMax, "log-max", 10<<20, "per-container log size cap in bytes (one rotated file is kept besides)")
 	f.StringArrayVar(&o.sysctlAllow, "sysctl-allow", nil, "narrow the sysctls containers may write to these keys or prefixes (net.ipv4.*); repeatable; never widens beyond the namespaced ones")
 	f.StringVar(&o.bpfRoot, "bpf-root", "/sys/fs/bpf/ferry", "where the sysctl guards' BPF programs are pinned (its parent is mounted as bpffs if needed)")
+	f.StringVar(&o.capacityCPU, "capacity-cpu", "", "node CPU capacity in cores (default: detected)")
+	f.StringVar(&o.capacityMem, "capacity-memory", "", "node memory capacity, e.g. 16G (default: detected MemTotal)")
+	f.StringVar(&o.reserveCPU, "reserve-cpu", "", "CPU held back for the system and ferryd (default: 5% of capacity, at least 0.1)")
+	f.StringVar(&o.reserveMem, "reserve-memory", "", "memory held back for the system and ferryd (default: 5%, between 256Mi and 4Gi)")
+	f.StringVar(&o.pressure, "pressure-source", "host", "PSI the harden/relax detector reads: host (/proc/pressure) or parent (the containers' parent cgroup only)")
+	f.DurationVar(&o.relaxMem, "relax-after-memory", 30*time.Second, "memory pressure must stay low this long before ceilings are restored")
+	f.DurationVar(&o.relaxCPU, "relax-after-cpu", 10*time.Second, "CPU pressure must stay low this long before ceilings are restored")
+	f.StringVar(&o.metrics, "metrics-addr", "", "address for Prometheus metrics on /metrics, e.g. 127.0.0.1:9464 (off when empty)")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&o.logFormat, "log-format", "text", "text or json")
 	return cmd
@@ -181,7 +193,12 @@ func serve(o options) error {
 	}
 	defer func() { _ = lock.Close() }()
 
+	capacity, reserved, err := resourceFlags(o)
+	if err != nil {
+		return err
+	}
 	a, err := agent.New(agent.Config{
+		Capacity: capacity, Reserved: reserved, PressureSource: o.pressure, Detector: detector(o),
 		Root: o.root, RunDir: o.runDir, NodeName: o.nodeName, CgroupParent: o.cgroupParent,
 		DefaultRootfs: o.defaultRootfs, CriuPath: o.criu, LogMax: o.logMax, Version: version,
 		SysctlAllow: o.sysctlAllow, BPFRoot: o.bpfRoot,
@@ -221,6 +238,20 @@ func serve(o options) error {
 		log.Info("serving controllers and peers with mutual TLS", "addr", tl.Addr().String())
 	}
 
+	if o.metrics != "" {
+		ml, err := net.Listen("tcp", o.metrics)
+		if err != nil {
+			srv.Stop()
+			return fmt.Errorf("metrics-addr %s: %w", o.metrics, err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", a.MetricsHandler())
+		msrv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go func() { _ = msrv.Serve(ml) }()
+		defer func() { _ = msrv.Close() }()
+		log.Info("serving metrics", "addr", ml.Addr().String())
+	}
+
 	log.Info("ferryd serving", "version", version, "socket", o.socket, "root", o.root, "node", o.nodeName)
 	if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
 		log.Warn("sd_notify", "err", err)
@@ -245,6 +276,43 @@ func serve(o options) error {
 		srv.Stop()
 	}
 	return nil
+}
+
+// detector is the default harden/relax configuration with the flags' relax windows.
+func detector(o options) cgroup.DetectorConfig {
+	d := cgroup.DefaultDetectorConfig()
+	d.Memory.LeaveWindow, d.CPU.LeaveWindow = o.relaxMem, o.relaxCPU
+	return d
+}
+
+// resourceFlags parses the capacity and reservation flags.
+func resourceFlags(o options) (cgroup.Amount, *cgroup.Amount, error) {
+	var capacity cgroup.Amount
+	var err error
+	if o.capacityCPU != "" {
+		if capacity.CPU, err = cgroup.ParseCPU(o.capacityCPU); err != nil {
+			return capacity, nil, fmt.Errorf("--capacity-cpu: %w", err)
+		}
+	}
+	if o.capacityMem != "" {
+		if capacity.Memory, err = cgroup.ParseSize(o.capacityMem); err != nil {
+			return capacity, nil, fmt.Errorf("--capacity-memory: %w", err)
+		}
+	}
+	if o.reserveCPU == "" && o.reserveMem == "" {
+		return capacity, nil, nil
+	}
+	if o.reserveCPU == "" || o.reserveMem == "" {
+		return capacity, nil, errors.New("--reserve-cpu and --reserve-memory: give both or neither")
+	}
+	var reserved cgroup.Amount
+	if reserved.CPU, err = cgroup.ParseCPU(o.reserveCPU); err != nil {
+		return capacity, nil, fmt.Errorf("--reserve-cpu: %w", err)
+	}
+	if reserved.Memory, err = cgroup.ParseSize(o.reserveMem); err != nil {
+		return capacity, nil, fmt.Errorf("--reserve-memory: %w", err)
+	}
+	return capacity, &reserved, nil
 }
 
 // lockRoot makes sure one ferryd at a time uses root.
