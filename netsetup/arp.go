@@ -1,0 +1,135 @@
+package netsetup
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// Gratuitous ARP: announceRounds rounds, announceGap apart; each round sends
+// a request and a reply with sender = target = the address (RFC 5227's
+// announcement, and the reply form some stacks prefer). The first round
+// already updates every bridge's forwarding table on the way; the later
+// ones cover a lost frame.
+const (
+	announceRounds = 3
+	announceGap    = 50 * time.Millisecond
+)
+
+// Announce sends gratuitous ARP from inside container id's netns, on its
+// eth0, so bridges and switches learn the MAC's new port and neighbours
+// refresh their entries at once. The endpoint must be active (not standby).
+func (m *Manager) Announce(ctx context.Context, id string) error {
+	m.all.RLock()
+	defer m.all.RUnlock()
+	defer m.ids.lock(id)()
+	return m.announce(ctx, id)
+}
+
+func (m *Manager) announce(ctx context.Context, id string) error {
+	s, err := m.st.read()
+	if err != nil {
+		return err
+	}
+	rec := s.Endpoints[id]
+	if rec == nil {
+		return fmt.Errorf("announce %q: %w", id, ErrNotFound)
+	}
+	if rec.Standby {
+		return fmt.Errorf("announce %q: endpoint is on standby (call Activate): %w", id, ErrInvalid)
+	}
+	ifindex, err := containerIfIndex(rec)
+	if err != nil {
+		return err
+	}
+	var fd int
+	err = inNetns(rec.Netns, func() error {
+		var err error
+		// Protocol 0: this socket only sends, it receives nothing.
+		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, 0)
+		return err
+	})
+	if err != nil {
+		return &OpError{Op: "open packet socket", ID: id, Netns: rec.Netns, Err: err}
+	}
+	defer unix.Close(fd)
+	mac := MACFor(rec.IP)
+	dst := &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ARP), Ifindex: ifindex, Halen: 6,
+		Addr: [8]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}}
+	frames := [][]byte{garpFrame(mac, rec.IP, arpRequest), garpFrame(mac, rec.IP, arpReply)}
+	for round := 0; round < announceRounds; round++ {
+		if round > 0 {
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("announce %q: %w", id, ctx.Err())
+			case <-time.After(announceGap):
+			}
+		}
+		for _, f := range frames {
+			if err := unix.Sendto(fd, f, 0, dst); err != nil {
+				return &OpError{Op: "send gratuitous ARP", ID: id, Link: containerIf, Addr: rec.IP.String(), Err: err}
+			}
+		}
+	}
+	m.log.Debug("netsetup: announced", "container", id, "ip", rec.IP, "mac", mac)
+	return nil
+}
+
+func containerIfIndex(rec *record) (int, error) {
+	ns, err := netns.GetFromPath(rec.Netns)
+	if err != nil {
+		return 0, &OpError{Op: "open netns", ID: rec.ID, Netns: rec.Netns, Err: err}
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
+	if err != nil {
+		return 0, &OpError{Op: "open netlink", ID: rec.ID, Netns: rec.Netns, Err: err}
+	}
+	defer h.Close()
+	l, err := h.LinkByName(containerIf)
+	if err != nil {
+		return 0, &OpError{Op: "look up container interface", ID: rec.ID, Link: containerIf, Netns: rec.Netns, Err: err}
+	}
+	if l.Attrs().OperState != netlink.OperUp {
+		return 0, &OpError{Op: "announce", ID: rec.ID, Link: containerIf, Netns: rec.Netns,
+			Err: errors.New("interface is not operational (host end down?)")}
+	}
+	return l.Attrs().Index, nil
+}
+
+const (
+	arpRequest = 1
+	arpReply   = 2
+)
+
+// garpFrame builds an Ethernet broadcast frame carrying an ARP packet with
+// sender = target = ip, padded to the 60-byte Ethernet minimum.
+func garpFrame(mac net.HardwareAddr, ip netip.Addr, op uint16) []byte {
+	f := make([]byte, 60)
+	copy(f[0:6], []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff})
+	copy(f[6:12], mac)
+	binary.BigEndian.PutUint16(f[12:14], unix.ETH_P_ARP)
+	a := f[14:]
+	binary.BigEndian.PutUint16(a[0:2], 1) // hardware type Ethernet
+	binary.BigEndian.PutUint16(a[2:4], unix.ETH_P_IP)
+	a[4], a[5] = 6, 4
+	binary.BigEndian.PutUint16(a[6:8], op)
+	ip4 := ip.As4()
+	copy(a[8:14], mac)
+	copy(a[14:18], ip4[:])
+	if op == arpReply {
+		copy(a[18:24], mac) // target MAC: unused in a request (zero), ours in a reply
+	}
+	copy(a[24:28], ip4[:])
+	return f
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
