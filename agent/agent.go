@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,6 +23,7 @@ import (
 	"github.com/ferry-agent/ferry/cgroup"
 	"github.com/ferry-agent/ferry/internal/atomicfile"
 	"github.com/ferry-agent/ferry/internal/proc"
+	"github.com/ferry-agent/ferry/netsetup"
 	"github.com/ferry-agent/ferry/sysctlguard"
 )
 
@@ -53,6 +55,9 @@ type Config struct {
 	// PressureSource is "host" (/proc/pressure) or "parent" (the PSI of the
 	// cgroup parent's unified twin, i.e. of the containers only).
 	PressureSource string
+	// Network is the host bridge and address plan; an empty Bridge turns
+	// networking off (containers get a network namespace with lo only).
+	Network netsetup.Config
 }
 
 // record is ferryd's part of a container's on-disk state: the request and
@@ -60,6 +65,9 @@ type Config struct {
 type record struct {
 	Spec          Spec      `json:"spec"`
 	Cgroup        string    `json:"cgroup"`
+	IP            string    `json:"ip,omitempty"`
+	MAC           string    `json:"mac,omitempty"`
+	Netns         string    `json:"netns,omitempty"`
 	CreatedAt     time.Time `json:"created_at"`
 	StopRequested bool      `json:"stop_requested,omitempty"`
 }
@@ -126,6 +134,8 @@ type Agent struct {
 	policy *sysctlguard.Policy
 	guards *sysctlguard.Manager
 
+	net *netsetup.Manager // nil: networking off
+
 	node     *cgroup.Node
 	elastic  *cgroup.Controller
 	refusals map[cgroup.Resource]uint64 // admission refusals, guarded by mu
@@ -188,6 +198,15 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 	}
 	if err := a.newElastic(); err != nil {
 		return nil, err
+	}
+	if cfg.Network.Bridge != "" {
+		ncfg := cfg.Network
+		ncfg.RunDir, ncfg.StateDir = cfg.RunDir, cfg.Root
+		if a.net, err = netsetup.New(ncfg, log); err != nil {
+			return nil, fmt.Errorf("network: %w", err)
+		}
+		nc := a.net.Config()
+		log.Info("network", "bridge", nc.Bridge, "subnet", nc.Subnet, "ip_range", nc.IPRange, "gateway", nc.Gateway)
 	}
 	return a, nil
 }
@@ -367,6 +386,9 @@ func (a *Agent) Close() {
 		<-a.loopDone
 	}
 	a.watchers.Wait()
+	if a.net != nil {
+		a.net.Close()
+	}
 }
 
 // Load reloads every container from disk and reattaches to those running.
@@ -395,6 +417,19 @@ func (a *Agent) Load(ctx context.Context) error {
 			Attrs: map[string]string{"state": c.state(), "pid": strconv.Itoa(pidOf(c))}})
 	}
 	a.reconcileGuards(ctx)
+	if a.net != nil {
+		live := make([]string, 0, len(a.ctrs))
+		for name := range a.ctrs {
+			live = append(live, name)
+		}
+		orphans, err := a.net.Reconcile(ctx, live)
+		if err != nil {
+			a.log.Error("reconcile network", "err", err)
+		}
+		for _, o := range orphans {
+			a.log.Warn("removed orphaned network resource", "kind", o.Kind, "name", o.Name, "container", o.ID)
+		}
+	}
 	if err := a.startElastic(ctx); err != nil {
 		return err
 	}
@@ -597,7 +632,25 @@ func (a *Agent) Run(ctx context.Context, spec Spec) (_ *container, retErr error)
 	if err != nil {
 		return nil, fmt.Errorf("container %q: rootfs: %w", spec.Name, err)
 	}
-	oci := OCISpec(&spec, merged, c.rec.Cgroup)
+	netnsPath := ""
+	if a.net != nil {
+		var pin netip.Addr
+		if spec.IP != "" {
+			pin = netip.MustParseAddr(spec.IP) // validated by NormalizeSpec
+		}
+		ep, err := a.net.Setup(ctx, spec.Name, netsetup.SetupOptions{IP: pin})
+		if err != nil {
+			return nil, fmt.Errorf("container %q: network: %w", spec.Name, err)
+		}
+		netnsPath = ep.NetnsPath
+		c.rec.IP, c.rec.MAC, c.rec.Netns = ep.IP.Addr().String(), ep.MAC.String(), ep.NetnsPath
+		if err := atomicfile.WriteJSON(filepath.Join(c.dir, specFile), c.rec, 0o600); err != nil {
+			return nil, fmt.Errorf("container %q: %w", spec.Name, err)
+		}
+	} else if spec.IP != "" {
+		return nil, fmt.Errorf("container %q: ip %q: networking is off on this node (no --bridge): %w", spec.Name, spec.IP, ErrFailedPrecondition)
+	}
+	oci := OCISpec(&spec, merged, c.rec.Cgroup, netnsPath)
 	cfg, err := LibcontainerConfig(oci, a.elastic.EffectiveSpec(spec.Resources))
 	if err != nil {
 		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
@@ -632,7 +685,16 @@ func (a *Agent) Run(ctx context.Context, spec Spec) (_ *container, retErr error)
 		_ = cmd.Wait()
 		a.finishExit(c)
 	}()
-	log.Info("container running", "pid", ii.Pid, "cgroup", c.rec.Cgroup)
+	if a.net != nil {
+		// Tell the segment where this address lives now (it may have lived
+		// on another node a moment ago): gratuitous ARP, off the hot path.
+		go func() {
+			if err := a.net.Announce(context.Background(), c.name); err != nil {
+				a.log.Warn("announce address", "container", c.name, "err", err)
+			}
+		}()
+	}
+	log.Info("container running", "pid", ii.Pid, "cgroup", c.rec.Cgroup, "ip", c.rec.IP)
 	a.events.Publish(Event{Type: EventContainerStarted, Container: c.name, Message: "running",
 		Attrs: map[string]string{"pid": strconv.Itoa(ii.Pid), "cgroup": c.rec.Cgroup}})
 	return c, nil
@@ -714,6 +776,11 @@ func (a *Agent) teardown(name, dir string) error {
 	}
 	if err := a.guards.Detach(name); err != nil && !errors.Is(err, sysctlguard.ErrNotAttached) {
 		errs = append(errs, err)
+	}
+	if a.net != nil {
+		if err := a.net.Teardown(context.Background(), name); err != nil {
+			errs = append(errs, fmt.Errorf("network: %w", err))
+		}
 	}
 	var rec record
 	if err := atomicfile.ReadJSON(filepath.Join(dir, specFile), &rec); err == nil && rec.Cgroup != "" {

@@ -9,6 +9,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/ferry-agent/ferry/cgroup"
+	"github.com/ferry-agent/ferry/netsetup"
 	"github.com/ferry-agent/ferry/sysctlguard"
 )
 
@@ -32,8 +33,13 @@ func toStatus(err error) error {
 	}
 	code := codes.Internal
 	switch {
-	case errors.Is(err, ErrInvalidArgument), errors.Is(err, cgroup.ErrInvalid), errors.Is(err, sysctlguard.ErrInvalid):
+	case errors.Is(err, ErrInvalidArgument), errors.Is(err, cgroup.ErrInvalid), errors.Is(err, sysctlguard.ErrInvalid),
+		errors.Is(err, netsetup.ErrInvalid):
 		code = codes.InvalidArgument
+	case errors.Is(err, netsetup.ErrInUse):
+		code = codes.AlreadyExists
+	case errors.Is(err, netsetup.ErrExhausted):
+		code = codes.ResourceExhausted
 	case errors.Is(err, ErrNotFound):
 		code = codes.NotFound
 	case errors.Is(err, ErrAlreadyExists):

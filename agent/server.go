@@ -159,7 +159,7 @@ func (a *Agent) toAPI(c *container) *api.Container {
 		Ceiling:   &api.Resources{CpuCores: r.Ceiling.CPU, MemoryBytes: r.Ceiling.Memory},
 		PidsMax:   r.PidsMax, CreatedAt: ts(c.rec.CreatedAt), Rootfs: c.rec.Spec.Rootfs,
 		Args: c.rec.Spec.Args, Hostname: c.rec.Spec.Hostname, Sysctls: c.rec.Spec.Sysctls,
-		Ip: c.rec.Spec.IP, StatusReason: c.reason, SysctlDenied: denied, CapAdd: c.rec.Spec.CapAdd,
+		Ip: c.rec.IP, Mac: c.rec.MAC, StatusReason: c.reason, SysctlDenied: denied, CapAdd: c.rec.Spec.CapAdd,
 		EffectiveCeiling: &api.Resources{CpuCores: eff.CPU, MemoryBytes: eff.Memory},
 	}
 	if c.init != nil {

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -195,7 +196,11 @@ func NormalizeSpec(s *Spec, defaultRootfs string, policy *sysctlguard.Policy) er
 		s.CapAdd[i] = c
 	}
 	if s.IP != "" {
-		return fmt.Errorf("ip %q: pinning an address needs the host bridge, which this agent does not manage yet: %w", s.IP, ErrFailedPrecondition)
+		ip, err := netip.ParseAddr(s.IP)
+		if err != nil || !ip.Is4() {
+			return fmt.Errorf("ip %q: not an IPv4 address: %w", s.IP, ErrInvalidArgument)
+		}
+		s.IP = ip.String()
 	}
 	ns := sysctlguard.Namespaces{IPC: true, UTS: true, Net: true}
 	keys := make([]string, 0, len(s.Sysctls))
@@ -267,8 +272,18 @@ func (s *Spec) processEnv() []string {
 // OCISpec builds the container's OCI runtime spec: runc's defaults (masked
 // paths, read-only /proc/sys, no new privileges), private mount, UTS, IPC,
 // PID, network and cgroup namespaces, ferry's capability set.
-func OCISpec(s *Spec, rootfs, cgroupPath string) *specs.Spec {
+//
+// netnsPath, when set, is the prepared network namespace the container joins
+// (netsetup's); empty gives it a new one with only lo.
+func OCISpec(s *Spec, rootfs, cgroupPath, netnsPath string) *specs.Spec {
 	o := specconv.Example()
+	if netnsPath != "" {
+		for i := range o.Linux.Namespaces {
+			if o.Linux.Namespaces[i].Type == specs.NetworkNamespace {
+				o.Linux.Namespaces[i].Path = netnsPath
+			}
+		}
+	}
 	o.Root = &specs.Root{Path: rootfs}
 	o.Hostname = s.Hostname
 	caps := append([]string(nil), defaultCaps...)

@@ -57,7 +57,8 @@ func TestNormalizeSpec(t *testing.T) {
 		{Spec{Name: "x", Rootfs: rootfs, Env: []string{"1X=2"}}, "env"},
 		{Spec{Name: "x", Rootfs: rootfs, Cwd: "tmp"}, "cwd"},
 		{Spec{Name: "x", Rootfs: rootfs, Sysctls: map[string]string{"vm.swappiness": "1"}}, "vm.swappiness"},
-		{Spec{Name: "x", Rootfs: rootfs, IP: "10.0.0.2"}, "ip"},
+		{Spec{Name: "x", Rootfs: rootfs, IP: "10.0.0.300"}, "not an IPv4 address"},
+		{Spec{Name: "x", Rootfs: rootfs, IP: "fe80::1"}, "not an IPv4 address"},
 		{Spec{Name: "x"}, "default rootfs"},
 	}
 	for _, b := range bad {
@@ -96,7 +97,7 @@ func TestNormalizeSpecBundle(t *testing.T) {
 
 func TestOCISpecDefaults(t *testing.T) {
 	s := Spec{Name: "x", Hostname: "x", Args: []string{"sh"}, Cwd: "/"}
-	o := OCISpec(&s, "/merged", "/ferry/x")
+	o := OCISpec(&s, "/merged", "/ferry/x", "/run/ferry/netns/x")
 	for _, c := range o.Process.Capabilities.Bounding {
 		if c == "CAP_SYS_ADMIN" || c == "CAP_BPF" || c == "CAP_SYS_MODULE" {
 			t.Errorf("default capabilities include %s", c)
@@ -112,6 +113,11 @@ func TestOCISpecDefaults(t *testing.T) {
 	kinds := map[string]bool{}
 	for _, n := range o.Linux.Namespaces {
 		kinds[string(n.Type)] = true
+	}
+	for _, n := range o.Linux.Namespaces {
+		if n.Type == "network" && n.Path != "/run/ferry/netns/x" {
+			t.Errorf("network namespace path %q, want the prepared one", n.Path)
+		}
 	}
 	for _, k := range []string{"pid", "network", "ipc", "uts", "mount"} {
 		if !kinds[k] {

@@ -62,6 +62,7 @@ type daemon struct {
 	logPath  string
 	base     string
 	bpfRoot  string
+	netns    string // the daemon's network namespace (under /run/netns); "" for the host's
 	extra    []string
 	env      []string // added to ferryd's environment
 	cmd      *exec.Cmd
@@ -75,9 +76,34 @@ func requireHost(t *testing.T) {
 	testenv.RequirePath(t, "/sys/fs/cgroup/memory", "cgroup v1 memory hierarchy missing")
 }
 
-// newDaemon prepares (but does not start) a ferryd and registers cleanup of
-// everything it and its containers may leave on the host.
+// newDaemon prepares (but does not start) a ferryd in a network namespace of
+// its own (its bridge and containers' veths live there, never in the
+// machine's namespace) and registers cleanup of everything it and its
+// containers may leave on the host.
 func newDaemon(t *testing.T, name string, extra ...string) *daemon {
+	t.Helper()
+	d := newDaemonIn(t, name, extra...)
+	d.netns = fmt.Sprintf("ferry-it-%d-%d", os.Getpid(), cgroupSeq.Add(1))
+	if out, err := exec.Command("ip", "netns", "add", d.netns).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add %s: %v: %s", d.netns, err, out)
+	}
+	ns := d.netns
+	t.Cleanup(func() {
+		if out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput(); err != nil {
+			t.Errorf("ip netns del %s: %v: %s", ns, err, out)
+		}
+	})
+	return d
+}
+
+// newHostNetDaemon prepares a ferryd in the machine's network namespace with
+// networking off (--bridge ""), for tests that dial it over loopback.
+func newHostNetDaemon(t *testing.T, name string, extra ...string) *daemon {
+	t.Helper()
+	return newDaemonIn(t, name, append([]string{"--bridge", ""}, extra...)...)
+}
+
+func newDaemonIn(t *testing.T, name string, extra ...string) *daemon {
 	t.Helper()
 	base, err := os.MkdirTemp("", "ferry-it-")
 	if err != nil {
@@ -119,7 +145,12 @@ func (d *daemon) start() {
 		d.t.Fatal(err)
 	}
 	defer func() { _ = lf.Close() }()
-	cmd := exec.Command(filepath.Join(binDir, "ferryd"), args...)
+	bin := filepath.Join(binDir, "ferryd")
+	cmd := exec.Command(bin, args...)
+	if d.netns != "" {
+		// nsenter, not "ip netns exec": the latter remounts /sys and hides the cgroups.
+		cmd = exec.Command("nsenter", append([]string{"--net=/run/netns/" + d.netns, bin}, args...)...)
+	}
 	cmd.Stdout, cmd.Stderr = lf, lf
 	cmd.Env = append(os.Environ(), d.env...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}

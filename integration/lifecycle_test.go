@@ -202,7 +202,7 @@ func TestTwoDaemonsDoNotSeeEachOther(t *testing.T) {
 // start2Fails checks a ferryd on a root in use exits with an error naming it.
 func (d *daemon) start2Fails(t *testing.T) {
 	t.Helper()
-	out, err := runCmd(filepath.Join(binDir, "ferryd"), "--root", d.root, "--run-dir", d.runDir, "--socket", d.socket, "--cgroup-parent", d.cgParent, "--bpf-root", d.bpfRoot)
+	out, err := runCmd(filepath.Join(binDir, "ferryd"), "--root", d.root, "--run-dir", d.runDir, "--socket", d.socket, "--cgroup-parent", d.cgParent, "--bpf-root", d.bpfRoot, "--bridge", "")
 	if err == nil || !strings.Contains(out, "in use by another ferryd") {
 		t.Fatalf("second ferryd on %s: err %v, output %q", d.root, err, out)
 	}

@@ -227,7 +227,7 @@ func TestSysctlAllowNarrowing(t *testing.T) {
 	// A narrowing to a global key is refused at start.
 	bad := newDaemon(t, "bad", "--sysctl-allow", "kernel.panic")
 	out, err := runCmd(filepath.Join(binDir, "ferryd"), "--root", bad.root, "--run-dir", bad.runDir, "--socket", bad.socket,
-		"--cgroup-parent", bad.cgParent, "--bpf-root", bad.bpfRoot, "--sysctl-allow", "kernel.panic")
+		"--cgroup-parent", bad.cgParent, "--bpf-root", bad.bpfRoot, "--sysctl-allow", "kernel.panic", "--bridge", "")
 	if err == nil || !strings.Contains(out, "kernel.panic") {
 		t.Errorf("ferryd with --sysctl-allow kernel.panic: err %v, output %q", err, out)
 	}

@@ -85,7 +85,7 @@ func TestMutualTLS(t *testing.T) {
 	}
 
 	addr := "127.0.0.1:" + freePort(t)
-	d := newDaemon(t, "a", "--listen", addr, "--tls-dir", nodeDir)
+	d := newHostNetDaemon(t, "a", "--listen", addr, "--tls-dir", nodeDir)
 	d.start()
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

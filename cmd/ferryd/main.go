@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -28,6 +29,7 @@ import (
 	"github.com/ferry-agent/ferry/agent"
 	"github.com/ferry-agent/ferry/agent/api"
 	"github.com/ferry-agent/ferry/cgroup"
+	"github.com/ferry-agent/ferry/netsetup"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -45,6 +47,7 @@ type options struct {
 	config, root, runDir, socket, listen, tlsDir, nodeName, cgroupParent string
 	defaultRootfs, criu, logLevel, logFormat, bpfRoot                    string
 	capacityCPU, capacityMem, reserveCPU, reserveMem, pressure, metrics  string
+	bridge, subnet, ipRange                                              string
 	logMax                                                               int64
 	relaxMem, relaxCPU                                                   time.Duration
 	sysctlAllow                                                          []string
@@ -103,6 +106,9 @@ init and its per-container monitor); they are not meant to be run by hand.`,
 	f.Int64Var(&o.logMax, "log-max", 10<<20, "per-container log size cap in bytes (one rotated file is kept besides)")
 	f.StringArrayVar(&o.sysctlAllow, "sysctl-allow", nil, "narrow the sysctls containers may write to these keys or prefixes (net.ipv4.*); repeatable; never widens beyond the namespaced ones")
 	f.StringVar(&o.bpfRoot, "bpf-root", "/sys/fs/bpf/ferry", "where the sysctl guards' BPF programs are pinned (its parent is mounted as bpffs if needed)")
+	f.StringVar(&o.bridge, "bridge", "ferry0", "host bridge the containers' veths join (empty: networking off, containers get lo only)")
+	f.StringVar(&o.subnet, "subnet", "10.88.0.0/16", "the L2 segment's IPv4 subnet, shared by the hosts on it")
+	f.StringVar(&o.ipRange, "ip-range", "", "this node's own slice of --subnet for new addresses (default: all of it); hosts on one segment need disjoint ranges")
 	f.StringVar(&o.capacityCPU, "capacity-cpu", "", "node CPU capacity in cores (default: detected)")
 	f.StringVar(&o.capacityMem, "capacity-memory", "", "node memory capacity, e.g. 16G (default: detected MemTotal)")
 	f.StringVar(&o.reserveCPU, "reserve-cpu", "", "CPU held back for the system and ferryd (default: 5% of capacity, at least 0.1)")
@@ -197,8 +203,12 @@ func serve(o options) error {
 	if err != nil {
 		return err
 	}
+	network, err := networkFlags(o)
+	if err != nil {
+		return err
+	}
 	a, err := agent.New(agent.Config{
-		Capacity: capacity, Reserved: reserved, PressureSource: o.pressure, Detector: detector(o),
+		Capacity: capacity, Reserved: reserved, PressureSource: o.pressure, Detector: detector(o), Network: network,
 		Root: o.root, RunDir: o.runDir, NodeName: o.nodeName, CgroupParent: o.cgroupParent,
 		DefaultRootfs: o.defaultRootfs, CriuPath: o.criu, LogMax: o.logMax, Version: version,
 		SysctlAllow: o.sysctlAllow, BPFRoot: o.bpfRoot,
@@ -276,6 +286,24 @@ func serve(o options) error {
 		srv.Stop()
 	}
 	return nil
+}
+
+// networkFlags parses --bridge, --subnet and --ip-range.
+func networkFlags(o options) (netsetup.Config, error) {
+	if o.bridge == "" {
+		return netsetup.Config{}, nil
+	}
+	cfg := netsetup.Config{Bridge: o.bridge}
+	var err error
+	if cfg.Subnet, err = netip.ParsePrefix(o.subnet); err != nil {
+		return cfg, fmt.Errorf("--subnet %q: %w", o.subnet, err)
+	}
+	if o.ipRange != "" {
+		if cfg.IPRange, err = netip.ParsePrefix(o.ipRange); err != nil {
+			return cfg, fmt.Errorf("--ip-range %q: %w", o.ipRange, err)
+		}
+	}
+	return cfg, nil
 }
 
 // detector is the default harden/relax configuration with the flags' relax windows.
