@@ -2,7 +2,9 @@
 # scripts/demo.sh - ferry's main job on built-in defaults, end to end (run as root;
 # `make demo` builds first and passes the bin dir):
 #
-#   1. a private ferryd: temporary --root/--run-dir/--socket, cgroup parent /ferry-demo-PID
+#   1. a private ferryd: temporary --root/--run-dir/--socket/--bpf-root, cgroup parent
+#      /ferry-demo-PID, in a network namespace of its own (its bridge ferry0 and the
+#      containers' veths never touch the machine's namespace)
 #   2. start ferryd, wait for it, `ferryctl version`
 #   3. run a counting container on the default (busybox) rootfs with limits
 #   4. ps, inspect, logs, exec
@@ -23,6 +25,7 @@ BIN=${1:-$REPO/bin}
 TMP=""              # temp dir holding root, run dir, socket and ferryd's log
 R="" D="" S="" LOG=""
 P=/ferry-demo-$$    # cgroup parent, in every hierarchy
+NS=ferry-demo-$$    # the demo host's network namespace: its bridge and veths live there
 FERRYD_PID=""       # the running ferryd we started, if any
 CTL_TIMEOUT=30      # seconds any single ferryctl call may take
 
@@ -135,14 +138,22 @@ inspect_field() {
 }
 
 start_ferryd() {
-	local args=(--root "$R" --run-dir "$D" --socket "$S" --cgroup-parent "$P")
-	printf '$ ferryd %s >>%s 2>&1 &\n' "$(quote "${args[@]}")" "$LOG"
+	# --pressure-source parent: the harden/relax detector watches the containers'
+	# own PSI; this machine is shared, and host-wide CPU pressure from others'
+	# work would harden the demo's node for reasons it cannot show.
+	local args=(--root "$R" --run-dir "$D" --socket "$S" --cgroup-parent "$P" --bpf-root "$TMP/bpffs/ferry"
+		--pressure-source parent)
+	if [[ ! -e /run/netns/$NS ]]; then
+		printf '$ ip netns add %s    # the demo host\n' "$NS"
+		ip netns add "$NS" || die "ip netns add $NS failed"
+	fi
+	printf '$ nsenter --net=/run/netns/%s ferryd %s >>%s 2>&1 &\n' "$NS" "$(quote "${args[@]}")" "$LOG"
 	# Its own session, so a Ctrl-C in the terminal reaches only this script,
 	# whose cleanup still needs a running ferryd to remove the containers.
 	if command -v setsid >/dev/null; then
-		setsid "$BIN/ferryd" "${args[@]}" >>"$LOG" 2>&1 </dev/null &
+		setsid nsenter --net=/run/netns/"$NS" "$BIN/ferryd" "${args[@]}" >>"$LOG" 2>&1 </dev/null &
 	else
-		"$BIN/ferryd" "${args[@]}" >>"$LOG" 2>&1 </dev/null &
+		nsenter --net=/run/netns/"$NS" "$BIN/ferryd" "${args[@]}" >>"$LOG" 2>&1 </dev/null &
 	fi
 	FERRYD_PID=$!
 	local i
@@ -237,6 +248,9 @@ cleanup() {
 		[[ -z $(cgroup_dirs) ]] && break
 		sleep 0.1
 	done
+	if [[ -e /run/netns/$NS ]]; then
+		ip netns del "$NS" 2>/dev/null || note "ip netns del $NS failed"
+	fi
 	# Never rm -rf across a mount point.
 	if [[ -z $(mounts_under "$TMP") ]]; then
 		rm -rf -- "$TMP"
@@ -247,6 +261,7 @@ cleanup() {
 	for m in $(mounts_under "$TMP"); do left+=("mount $m"); done
 	for pid in $(ferry_procs); do left+=("process $pid: $(cmdline_of "$pid")"); done
 	[[ -e $TMP ]] && left+=("directory $TMP")
+	[[ -e /run/netns/$NS ]] && left+=("network namespace $NS")
 	if ((${#left[@]} > 0)); then
 		printf 'demo: left on the host:\n' >&2
 		printf '    %s\n' "${left[@]}" >&2
@@ -314,6 +329,7 @@ wait_count_above 3 10
 echo '$ ferryctl logs counter | tail -n 3'
 ctl logs counter | tail -n 3
 show exec counter -- hostname
+show exec counter -- ip -4 -o addr show eth0
 show exec counter -- sh -c 'grep CapEff /proc/1/status; ps'
 
 # ------------------------------------------------------------------ 5. crash ferryd
@@ -361,11 +377,15 @@ if [[ -n $(cgroup_dirs 1) ]]; then
 else
 	note "no container cgroups under $P (the empty parent, in $(cgroup_dirs | wc -l) hierarchies, goes in the cleanup below)"
 fi
-if [[ -n $(mounts_under "$TMP") ]]; then
-	note "LEFT: mounts under $TMP:" $(mounts_under "$TMP")
+# The node's own mounts stay by design (they outlive ferryd restarts): the
+# shared mount point for container netns files and the bpffs holding the
+# sysctl guards' pins. Anything else under $TMP is a container's leftover.
+ctr_mounts=$(mounts_under "$TMP" | grep -v -x -e "$D/netns" -e "$TMP/bpffs" || true)
+if [[ -n $ctr_mounts ]]; then
+	note "LEFT: mounts under $TMP:" $ctr_mounts
 	problems=1
 else
-	note "no mounts under $TMP"
+	note "no container mounts (the node's netns mount point and bpffs go in the cleanup below)"
 fi
 if [[ -n $(ferry_procs) ]]; then
 	note "LEFT: processes:" $(ferry_procs)
