@@ -846,6 +846,24 @@ func signalInit(ii *initInfo, sig unix.Signal) error {
 	return nil
 }
 
+// kill sends SIGKILL to the init and thaws the container if it is frozen
+// (a frozen task cannot die; a migration freezes the container).
+func (a *Agent) kill(name string, ii *initInfo) error {
+	if err := signalInit(ii, unix.SIGKILL); err != nil {
+		return err
+	}
+	lc, err := libcontainer.Load(a.lcRoot, name)
+	if err != nil {
+		return nil // already destroyed by its monitor
+	}
+	if st, err := lc.Status(); err == nil && st == libcontainer.Paused {
+		if err := lc.Resume(); err != nil {
+			return fmt.Errorf("thaw to let SIGKILL through: %w", err)
+		}
+	}
+	return nil
+}
+
 // Stop sends SIGTERM, waits up to timeout, then SIGKILL.
 func (a *Agent) Stop(ctx context.Context, name string, timeout time.Duration) (*container, error) {
 	c, err := a.get(name)
@@ -884,7 +902,7 @@ func (a *Agent) Stop(ctx context.Context, name string, timeout time.Duration) (*
 	case <-time.After(timeout):
 	}
 	a.log.Info("stop timeout passed, killing", "container", name, "timeout", timeout)
-	if err := signalInit(ii, unix.SIGKILL); err != nil {
+	if err := a.kill(name, ii); err != nil {
 		return nil, fmt.Errorf("container %q: %w", name, err)
 	}
 	select {
@@ -915,7 +933,7 @@ func (a *Agent) Remove(ctx context.Context, name string, force bool) error {
 		if !force {
 			return fmt.Errorf("container %q: running (stop it first, or use force): %w", name, ErrFailedPrecondition)
 		}
-		if err := signalInit(ii, unix.SIGKILL); err != nil {
+		if err := a.kill(name, ii); err != nil {
 			return fmt.Errorf("container %q: %w", name, err)
 		}
 		select {

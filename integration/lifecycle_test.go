@@ -248,3 +248,26 @@ func TestSIGTERMLeavesContainersAndNotifiesReady(t *testing.T) {
 	d.mustCtl("rm", "-f", "keeper")
 	d.assertNoTrace(t, "keeper")
 }
+
+// TestRemoveFrozenContainer: a container left frozen (as by a migration cut
+// short) is still removed by rm -f: SIGKILL is let through by thawing.
+func TestRemoveFrozenContainer(t *testing.T) {
+	requireHost(t)
+	d := newDaemon(t, "a")
+	d.start()
+	d.mustCtl("run", "frozen", "--", "sleep", "1000")
+	c := d.inspect("frozen")
+	state := filepath.Join("/sys/fs/cgroup/freezer", c.Cgroup, "freezer.state")
+	if err := os.WriteFile(state, []byte("FROZEN"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	d.mustCtl("rm", "-f", "frozen")
+	if el := time.Since(start); el > 10*time.Second {
+		t.Errorf("rm -f of a frozen container took %s", el)
+	}
+	if pidAlive(c.Pid) {
+		t.Fatal("frozen container's init survived rm -f")
+	}
+	d.assertNoTrace(t, "frozen")
+}
