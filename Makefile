@@ -37,8 +37,10 @@ test-integration: build ## integration tests with real containers (root)
 demo: deps build ## the main job on built-in defaults: run, inspect, restart ferryd, clean up
 	@bash scripts/demo.sh $(CURDIR)/$(BIN)
 
-bench: deps build ## benchmarks side by side with the runc CLI (medians and ratios)
-	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m -v ./integration/...
+bench: deps build ## benchmarks: start/remove against the runc CLI, RSS, harden latency, sysctl guard overhead
+	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m -v ./integration/
+	$(GO) test -run '^$$' -bench HardenLatency -benchtime 1x -timeout 10m -v ./cgroup/
+	$(GO) test -run '^$$' -bench GuardOverhead -benchtime 3x -timeout 10m -v ./sysctlguard/
 
 GOLANGCI    := github.com/golangci/golangci-lint/v2/cmd/golangci-lint@v2.15.0
 
