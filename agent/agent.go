@@ -20,6 +20,7 @@ import (
 	"github.com/opencontainers/runc/libcontainer"
 	"golang.org/x/sys/unix"
 
+	"github.com/ferry-agent/ferry/agent/api"
 	"github.com/ferry-agent/ferry/cgroup"
 	"github.com/ferry-agent/ferry/internal/atomicfile"
 	"github.com/ferry-agent/ferry/internal/proc"
@@ -58,16 +59,23 @@ type Config struct {
 	// Network is the host bridge and address plan; an empty Bridge turns
 	// networking off (containers get a network namespace with lo only).
 	Network netsetup.Config
+	// TLSDir holds this node's certificate, used to reach peers.
+	TLSDir string
 }
 
 // record is ferryd's part of a container's on-disk state: the request and
 // the operator's intent.
 type record struct {
-	Spec          Spec      `json:"spec"`
-	Cgroup        string    `json:"cgroup"`
-	IP            string    `json:"ip,omitempty"`
-	MAC           string    `json:"mac,omitempty"`
-	Netns         string    `json:"netns,omitempty"`
+	Spec   Spec   `json:"spec"`
+	Cgroup string `json:"cgroup"`
+	IP     string `json:"ip,omitempty"`
+	MAC    string `json:"mac,omitempty"`
+	Netns  string `json:"netns,omitempty"`
+	// Incoming names the migration bringing this container in (until restored).
+	Incoming string `json:"incoming,omitempty"`
+	// MigratedTo names the node the container moved to; its copy here is
+	// being deleted.
+	MigratedTo    string    `json:"migrated_to,omitempty"`
 	CreatedAt     time.Time `json:"created_at"`
 	StopRequested bool      `json:"stop_requested,omitempty"`
 }
@@ -136,6 +144,9 @@ type Agent struct {
 
 	net *netsetup.Manager // nil: networking off
 
+	migrations map[string]*api.Migration // as the source; guarded by mu
+	incoming   map[string]*incoming      // as the destination; guarded by mu
+
 	node     *cgroup.Node
 	elastic  *cgroup.Controller
 	refusals map[cgroup.Resource]uint64 // admission refusals, guarded by mu
@@ -163,13 +174,15 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 	}
 	a := &Agent{
 		cfg: cfg, log: log,
-		lcRoot: filepath.Join(cfg.RunDir, "libcontainer"),
-		crDir:  filepath.Join(cfg.Root, "containers"),
-		ctrs:   map[string]*container{},
-		done:   make(chan struct{}),
-		events: newEventBus(1024),
+		lcRoot:     filepath.Join(cfg.RunDir, "libcontainer"),
+		crDir:      filepath.Join(cfg.Root, "containers"),
+		ctrs:       map[string]*container{},
+		done:       make(chan struct{}),
+		events:     newEventBus(1024),
+		migrations: map[string]*api.Migration{},
+		incoming:   map[string]*incoming{},
 	}
-	for _, d := range []string{a.crDir, a.lcRoot} {
+	for _, d := range []string{a.crDir, a.lcRoot, filepath.Join(cfg.Root, "migrations")} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, fmt.Errorf("state dir: %w", err)
 		}
@@ -394,6 +407,7 @@ func (a *Agent) Close() {
 // Load reloads every container from disk and reattaches to those running.
 // Half-created containers (ferryd died before the init ran) are removed.
 func (a *Agent) Load(ctx context.Context) error {
+	a.loadMigrations()
 	ents, err := os.ReadDir(a.crDir)
 	if err != nil {
 		return fmt.Errorf("load containers: %w", err)
@@ -487,6 +501,12 @@ func (a *Agent) loadOne(dir string) (*container, error) {
 	}
 	if rec.Spec.Name != filepath.Base(dir) {
 		return nil, fmt.Errorf("%s names %q", specFile, rec.Spec.Name)
+	}
+	if rec.MigratedTo != "" {
+		return nil, fmt.Errorf("migrated to %s; finishing the removal of this copy", rec.MigratedTo)
+	}
+	if rec.Incoming != "" {
+		return nil, fmt.Errorf("incoming migration %s never restored", rec.Incoming)
 	}
 	c := &container{name: rec.Spec.Name, dir: dir, rec: rec}
 	var ii initInfo
@@ -664,7 +684,7 @@ func (a *Agent) Run(ctx context.Context, spec Spec) (_ *container, retErr error)
 	if err := a.guardContainer(ctx, c); err != nil {
 		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
 	}
-	ii, cmd, err := a.startMonitor(ctx, c.dir)
+	ii, cmd, err := a.startMonitor(ctx, c.dir, "")
 	if err != nil {
 		if strings.Contains(err.Error(), "executable file not found") || strings.Contains(err.Error(), "no such file or directory") {
 			return nil, fmt.Errorf("container %q: args[0] %q: cannot be executed in the rootfs: %w", spec.Name, spec.Args[0], errors.Join(err, ErrInvalidArgument))
@@ -701,13 +721,13 @@ func (a *Agent) Run(ctx context.Context, spec Spec) (_ *container, retErr error)
 }
 
 // startMonitor starts the container's monitor and waits for its report.
-func (a *Agent) startMonitor(ctx context.Context, dir string) (_ *initInfo, _ *exec.Cmd, retErr error) {
+func (a *Agent) startMonitor(ctx context.Context, dir, restoreFrom string) (_ *initInfo, _ *exec.Cmd, retErr error) {
 	r, w, err := os.Pipe()
 	if err != nil {
 		return nil, nil, fmt.Errorf("ready pipe: %w", err)
 	}
 	defer func() { _ = r.Close() }()
-	cmd, err := monitorCommand(a.cfg.Self, dir, a.lcRoot, a.cfg.LogMax, w)
+	cmd, err := monitorCommand(a.cfg.Self, dir, a.lcRoot, a.cfg.LogMax, restoreFrom, w)
 	if err != nil {
 		_ = w.Close()
 		return nil, nil, err
@@ -778,7 +798,16 @@ func (a *Agent) teardown(name, dir string) error {
 		errs = append(errs, err)
 	}
 	if a.net != nil {
-		if err := a.net.Teardown(context.Background(), name); err != nil {
+		var rec record
+		_ = atomicfile.ReadJSON(filepath.Join(dir, specFile), &rec)
+		var err error
+		if rec.MigratedTo != "" {
+			// The address lives on elsewhere now: keep it reserved as moved.
+			err = a.net.TeardownMoved(context.Background(), name, rec.MigratedTo)
+		} else {
+			err = a.net.Teardown(context.Background(), name)
+		}
+		if err != nil {
 			errs = append(errs, fmt.Errorf("network: %w", err))
 		}
 	}
@@ -814,6 +843,9 @@ func (a *Agent) destroyLibcontainer(name string) error {
 	}
 	if st, err := lc.Status(); err == nil && st != libcontainer.Stopped {
 		_ = lc.Signal(unix.SIGKILL)
+		if st == libcontainer.Paused {
+			_ = lc.Resume() // a frozen task cannot die
+		}
 		for i := 0; i < 100; i++ {
 			if st, err := lc.Status(); err != nil || st == libcontainer.Stopped {
 				break

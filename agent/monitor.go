@@ -58,12 +58,16 @@ type monitorReply struct {
 
 // monitorCommand builds the command that starts a monitor for the container
 // in dir. The ready pipe's write end becomes the monitor's fd 3.
-func monitorCommand(self, dir, lcRoot string, logMax int64, ready *os.File) (*exec.Cmd, error) {
+func monitorCommand(self, dir, lcRoot string, logMax int64, restoreFrom string, ready *os.File) (*exec.Cmd, error) {
 	out, err := os.OpenFile(filepath.Join(dir, monitorLog), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("monitor log: %w", err)
 	}
-	cmd := exec.Command(self, "monitor", "--dir", dir, "--lc-root", lcRoot, "--log-max", strconv.FormatInt(logMax, 10))
+	args := []string{"monitor", "--dir", dir, "--lc-root", lcRoot, "--log-max", strconv.FormatInt(logMax, 10)}
+	if restoreFrom != "" {
+		args = append(args, "--restore", restoreFrom)
+	}
+	cmd := exec.Command(self, args...)
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.ExtraFiles = []*os.File{ready}
 	// Its own session: signals to ferryd's process group never reach it.
@@ -81,6 +85,7 @@ func RunMonitor(args []string) int {
 	dir := fs.String("dir", "", "container state directory")
 	lcRoot := fs.String("lc-root", "", "libcontainer state root")
 	logMax := fs.Int64("log-max", 10<<20, "log size cap in bytes")
+	restore := fs.String("restore", "", "restore the container from these CRIU images instead of starting it")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -97,7 +102,7 @@ func RunMonitor(args []string) int {
 		_ = ready.Close()
 		ready = nil
 	}
-	code, err := monitor(*dir, *lcRoot, *logMax, log, func(ii *initInfo) { reply(monitorReply{Init: ii}) })
+	code, err := monitor(*dir, *lcRoot, *logMax, *restore, log, func(ii *initInfo) { reply(monitorReply{Init: ii}) })
 	if err != nil {
 		log.Error("monitor failed", "err", err)
 		reply(monitorReply{Error: err.Error()})
@@ -106,7 +111,7 @@ func RunMonitor(args []string) int {
 	return code
 }
 
-func monitor(dir, lcRoot string, logMax int64, log *slog.Logger, started func(*initInfo)) (int, error) {
+func monitor(dir, lcRoot string, logMax int64, restoreFrom string, log *slog.Logger, started func(*initInfo)) (int, error) {
 	// The restored or started init is our child; orphans below it come to us.
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		return 0, fmt.Errorf("set child subreaper: %w", err)
@@ -141,7 +146,19 @@ func monitor(dir, lcRoot string, logMax int64, log *slog.Logger, started func(*i
 		Args: spec.Args, Env: spec.processEnv(), Cwd: spec.Cwd,
 		Stdout: w, Stderr: w, Init: true,
 	}
-	if err := c.Run(p); err != nil {
+	if restoreFrom != "" {
+		// The restored tasks' stdout and stderr are re-attached to our pipe
+		// (libcontainer maps the dumped pipes to the process's stdio).
+		err = c.Restore(p, &libcontainer.CriuOpts{
+			ImagesDirectory: restoreFrom, WorkDirectory: restoreFrom + "-work",
+			TcpEstablished: true, FileLocks: true,
+		})
+		if err != nil {
+			_ = w.Close()
+			derr := c.Destroy()
+			return 0, errors.Join(fmt.Errorf("restore container %q: %w", spec.Name, err), derr)
+		}
+	} else if err := c.Run(p); err != nil {
 		_ = w.Close()
 		derr := c.Destroy()
 		return 0, errors.Join(fmt.Errorf("start container %q: %w", spec.Name, err), derr)

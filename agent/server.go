@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/ferry-agent/ferry/agent/api"
 	"github.com/ferry-agent/ferry/cgroup"
@@ -17,12 +19,26 @@ type Server struct {
 	api.UnimplementedFerryServer
 	a   *Agent
 	log *slog.Logger
+	// peer enables the peer side of migrations; only the mutual-TLS
+	// listener serves it.
+	peer bool
 }
 
 var _ api.FerryServer = (*Server)(nil)
 
-// NewServer wraps a.
+// NewServer wraps a for the local socket.
 func NewServer(a *Agent, log *slog.Logger) *Server { return &Server{a: a, log: log} }
+
+// NewPeerServer wraps a for the mutual-TLS listener: controllers and peer
+// agents, including the peer side of migrations.
+func NewPeerServer(a *Agent, log *slog.Logger) *Server { return &Server{a: a, log: log, peer: true} }
+
+func (s *Server) peerOnly(method string) error {
+	if !s.peer {
+		return status.Errorf(codes.PermissionDenied, "%s: a peer agent's call, served only on the mutual-TLS listener", method)
+	}
+	return nil
+}
 
 func kernelRelease() string {
 	var u unix.Utsname
@@ -232,4 +248,74 @@ func (s *Server) Node(context.Context, *api.NodeRequest) (*api.NodeReport, error
 		out.Containers = append(out.Containers, cr)
 	}
 	return out, nil
+}
+
+// Migrate implements api.FerryServer.
+func (s *Server) Migrate(req *api.MigrateRequest, stream api.Ferry_MigrateServer) error {
+	var sendErr error
+	m, err := s.a.Migrate(stream.Context(), req, func(m *api.Migration) {
+		if sendErr == nil {
+			sendErr = stream.Send(m)
+		}
+	})
+	if err != nil {
+		// The progress callback has already sent the migration's final record.
+		return toStatus(err)
+	}
+	if sendErr != nil {
+		return sendErr
+	}
+	return stream.Send(m)
+}
+
+// GetMigration implements api.FerryServer.
+func (s *Server) GetMigration(_ context.Context, req *api.GetMigrationRequest) (*api.Migration, error) {
+	m, err := s.a.GetMigration(req.GetId())
+	return m, toStatus(err)
+}
+
+// ListMigrations implements api.FerryServer.
+func (s *Server) ListMigrations(context.Context, *api.ListMigrationsRequest) (*api.ListMigrationsResponse, error) {
+	return &api.ListMigrationsResponse{Migrations: s.a.ListMigrations()}, nil
+}
+
+// PrepareIncoming implements api.FerryServer.
+func (s *Server) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingRequest) (*api.PrepareIncomingResponse, error) {
+	if err := s.peerOnly("PrepareIncoming"); err != nil {
+		return nil, err
+	}
+	r, err := s.a.PrepareIncoming(ctx, req)
+	return r, toStatus(err)
+}
+
+// SendImages implements api.FerryServer.
+func (s *Server) SendImages(stream api.Ferry_SendImagesServer) error {
+	if err := s.peerOnly("SendImages"); err != nil {
+		return err
+	}
+	n, err := s.a.ReceiveImages(stream.Recv)
+	if err != nil {
+		return toStatus(err)
+	}
+	return stream.SendAndClose(&api.SendImagesResponse{Bytes: n})
+}
+
+// RestoreIncoming implements api.FerryServer.
+func (s *Server) RestoreIncoming(ctx context.Context, req *api.RestoreIncomingRequest) (*api.RestoreIncomingResponse, error) {
+	if err := s.peerOnly("RestoreIncoming"); err != nil {
+		return nil, err
+	}
+	r, err := s.a.RestoreIncoming(ctx, req.GetMigrationId())
+	return r, toStatus(err)
+}
+
+// AbortIncoming implements api.FerryServer.
+func (s *Server) AbortIncoming(ctx context.Context, req *api.AbortIncomingRequest) (*api.AbortIncomingResponse, error) {
+	if err := s.peerOnly("AbortIncoming"); err != nil {
+		return nil, err
+	}
+	if err := s.a.AbortIncoming(ctx, req.GetMigrationId(), req.GetReason()); err != nil {
+		return nil, toStatus(err)
+	}
+	return &api.AbortIncomingResponse{}, nil
 }

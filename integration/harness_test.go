@@ -87,6 +87,10 @@ func newDaemon(t *testing.T, name string, extra ...string) *daemon {
 	if out, err := exec.Command("ip", "netns", "add", d.netns).CombinedOutput(); err != nil {
 		t.Fatalf("ip netns add %s: %v: %s", d.netns, err, out)
 	}
+	// A real host has lo up; CRIU's kernel probes bind to 127.0.0.1.
+	if out, err := exec.Command("nsenter", "--net=/run/netns/"+d.netns, "ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
+		t.Fatalf("lo up in %s: %v: %s", d.netns, err, out)
+	}
 	ns := d.netns
 	t.Cleanup(func() {
 		if out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput(); err != nil {

@@ -50,7 +50,7 @@ func TestBaseTrie(t *testing.T) {
 		"net/": true, "net/bridge/": false, "net/core/rmem_max": false, "net/core/busy_": false,
 		"net/ipv4/tcp_mem": false, "net/netfilter/nf_conntrack_max": false,
 		"kernel/shmmax\x00": true, "kernel/sem\x00": true, "kernel/shm_rmid_forced\x00": true,
-		"kernel/domainname\x00": true, "fs/mqueue/": true,
+		"kernel/domainname\x00": true, "kernel/hostname\x00": true, "fs/mqueue/": true,
 	}
 	for k, v := range want {
 		if a, ok := got[k]; !ok || a != v {
@@ -83,7 +83,7 @@ func TestExactRulesMatchOnlyTheirKey(t *testing.T) {
 	pp := p.For(allNS)
 	for key, want := range map[string]bool{
 		"kernel.shmmax": true, "kernel.shmmaxx": false, "kernel.shm": false,
-		"kernel.domainname": true, "kernel.domainname2": false, "kernel.hostname": false,
+		"kernel.domainname": true, "kernel.domainname2": false, "kernel.hostname": true, "kernel.hostnamex": false,
 		"fs.mqueue.msg_max": true, "fs.mqueuex": false, "fs.file-max": false,
 		"net.core.somaxconn": true, "net.core.rmem_max": false, "net.bridge.bridge-nf-call-iptables": false,
 	} {
@@ -132,7 +132,7 @@ func TestForNamespaces(t *testing.T) {
 		if !v {
 			t.Errorf("deny rule %q left without an allow above it", k)
 		}
-		if strings.HasPrefix(k, "net/") || k == "kernel/domainname\x00" {
+		if strings.HasPrefix(k, "net/") || k == "kernel/domainname\x00" || k == "kernel/hostname\x00" {
 			t.Errorf("rule %q for a namespace the container shares with the host", k)
 		}
 	}
@@ -233,7 +233,7 @@ func equalRules(a, b map[string]bool) bool {
 func TestNarrowingRefusesWidening(t *testing.T) {
 	for _, pat := range []string{
 		"kernel.panic", "vm.swappiness", "vm.*", "net.bridge.*", "net.bridge.bridge-nf-call-iptables",
-		"net.core.rmem_max", "net.ipv4.tcp_mem", "kernel.hostname", "fs.file-max", "fs.*x*",
+		"net.core.rmem_max", "net.ipv4.tcp_mem", "kernel.threads-max", "fs.file-max", "fs.*x*",
 	} {
 		_, err := NewPolicy([]string{"net.ipv4.*", pat})
 		if err == nil || !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), `"`+pat+`"`) {

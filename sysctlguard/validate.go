@@ -21,11 +21,14 @@ var ipcKeys = map[string]bool{
 	"kernel.msgmax": true, "kernel.msgmnb": true, "kernel.msgmni": true,
 	"kernel.sem": true, "kernel.shmall": true, "kernel.shmmax": true,
 	"kernel.shmmni": true, "kernel.shm_rmid_forced": true,
+	// Also per IPC namespace, and written by CRIU when it restores one.
+	"kernel.auto_msgmni": true, "kernel.msg_next_id": true, "kernel.sem_next_id": true, "kernel.shm_next_id": true,
 }
 
-// utsKeys belong to the UTS namespace (kernel/utsname_sysctl.c). The
-// hostname is set through the container's hostname, not a sysctl.
-var utsKeys = map[string]bool{"kernel.domainname": true}
+// utsKeys belong to the UTS namespace (kernel/utsname_sysctl.c). A run sets
+// the hostname through --hostname, but the key must stay writable inside:
+// CRIU restores a UTS namespace by writing both through /proc/sys.
+var utsKeys = map[string]bool{"kernel.domainname": true, "kernel.hostname": true}
 
 // globalNetPrefixes are net.* sysctls that are not per network namespace on
 // Linux: writing them from a container would change them for the host.

@@ -1571,6 +1571,876 @@ func (x *NodeReport) GetContainers() []*ContainerResources {
 	return nil
 }
 
+type MigrateRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The peer agent's --listen address, HOST:PORT.
+	Peer string `protobuf:"bytes,2,opt,name=peer,proto3" json:"peer,omitempty"`
+	// auto | precopy | postcopy | stopcopy (empty: auto).
+	Mode string `protobuf:"bytes,3,opt,name=mode,proto3" json:"mode,omitempty"`
+	// The downtime target in milliseconds (0: 300).
+	MaxDowntimeMs int64 `protobuf:"varint,4,opt,name=max_downtime_ms,json=maxDowntimeMs,proto3" json:"max_downtime_ms,omitempty"`
+	// Pre-copy round limit (0: the default).
+	MaxRounds int32 `protobuf:"varint,5,opt,name=max_rounds,json=maxRounds,proto3" json:"max_rounds,omitempty"`
+	// Bandwidth cap in bytes per second (0: none).
+	BandwidthBytesPerSecond int64 `protobuf:"varint,6,opt,name=bandwidth_bytes_per_second,json=bandwidthBytesPerSecond,proto3" json:"bandwidth_bytes_per_second,omitempty"`
+	// Caller-chosen id for idempotency; empty: the agent picks one.
+	MigrationId   string `protobuf:"bytes,7,opt,name=migration_id,json=migrationId,proto3" json:"migration_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MigrateRequest) Reset() {
+	*x = MigrateRequest{}
+	mi := &file_ferry_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MigrateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MigrateRequest) ProtoMessage() {}
+
+func (x *MigrateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MigrateRequest.ProtoReflect.Descriptor instead.
+func (*MigrateRequest) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *MigrateRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *MigrateRequest) GetPeer() string {
+	if x != nil {
+		return x.Peer
+	}
+	return ""
+}
+
+func (x *MigrateRequest) GetMode() string {
+	if x != nil {
+		return x.Mode
+	}
+	return ""
+}
+
+func (x *MigrateRequest) GetMaxDowntimeMs() int64 {
+	if x != nil {
+		return x.MaxDowntimeMs
+	}
+	return 0
+}
+
+func (x *MigrateRequest) GetMaxRounds() int32 {
+	if x != nil {
+		return x.MaxRounds
+	}
+	return 0
+}
+
+func (x *MigrateRequest) GetBandwidthBytesPerSecond() int64 {
+	if x != nil {
+		return x.BandwidthBytesPerSecond
+	}
+	return 0
+}
+
+func (x *MigrateRequest) GetMigrationId() string {
+	if x != nil {
+		return x.MigrationId
+	}
+	return ""
+}
+
+type Migration struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Id        string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Container string                 `protobuf:"bytes,2,opt,name=container,proto3" json:"container,omitempty"`
+	Peer      string                 `protobuf:"bytes,3,opt,name=peer,proto3" json:"peer,omitempty"`
+	PeerNode  string                 `protobuf:"bytes,4,opt,name=peer_node,json=peerNode,proto3" json:"peer_node,omitempty"`
+	// The mode that ran, and why it was chosen.
+	Mode       string `protobuf:"bytes,5,opt,name=mode,proto3" json:"mode,omitempty"`
+	ModeReason string `protobuf:"bytes,6,opt,name=mode_reason,json=modeReason,proto3" json:"mode_reason,omitempty"`
+	// handshake | prepare | precopy | freeze | dump | transfer | restore | confirm | cleanup | done | rollback
+	Phase string `protobuf:"bytes,7,opt,name=phase,proto3" json:"phase,omitempty"`
+	// running | succeeded | rolled_back | failed
+	State     string `protobuf:"bytes,8,opt,name=state,proto3" json:"state,omitempty"`
+	Error     string `protobuf:"bytes,9,opt,name=error,proto3" json:"error,omitempty"`
+	Rounds    int32  `protobuf:"varint,10,opt,name=rounds,proto3" json:"rounds,omitempty"`
+	BytesSent int64  `protobuf:"varint,11,opt,name=bytes_sent,json=bytesSent,proto3" json:"bytes_sent,omitempty"`
+	// Wall time from the start to the peer's confirmation.
+	TotalMs int64 `protobuf:"varint,12,opt,name=total_ms,json=totalMs,proto3" json:"total_ms,omitempty"`
+	// Downtime: from the freeze to the container running on the peer.
+	FrozenMs   int64 `protobuf:"varint,13,opt,name=frozen_ms,json=frozenMs,proto3" json:"frozen_ms,omitempty"`
+	DumpMs     int64 `protobuf:"varint,14,opt,name=dump_ms,json=dumpMs,proto3" json:"dump_ms,omitempty"`
+	TransferMs int64 `protobuf:"varint,15,opt,name=transfer_ms,json=transferMs,proto3" json:"transfer_ms,omitempty"`
+	RestoreMs  int64 `protobuf:"varint,16,opt,name=restore_ms,json=restoreMs,proto3" json:"restore_ms,omitempty"`
+	// CRIU's own figures from stats-dump.
+	CriuFrozenMs int64  `protobuf:"varint,17,opt,name=criu_frozen_ms,json=criuFrozenMs,proto3" json:"criu_frozen_ms,omitempty"`
+	PagesWritten int64  `protobuf:"varint,18,opt,name=pages_written,json=pagesWritten,proto3" json:"pages_written,omitempty"`
+	StartedAt    string `protobuf:"bytes,19,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`
+	FinishedAt   string `protobuf:"bytes,20,opt,name=finished_at,json=finishedAt,proto3" json:"finished_at,omitempty"`
+	// Predicted downtime of the final round, when known.
+	PredictedDowntimeMs int64 `protobuf:"varint,21,opt,name=predicted_downtime_ms,json=predictedDowntimeMs,proto3" json:"predicted_downtime_ms,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *Migration) Reset() {
+	*x = Migration{}
+	mi := &file_ferry_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Migration) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Migration) ProtoMessage() {}
+
+func (x *Migration) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Migration.ProtoReflect.Descriptor instead.
+func (*Migration) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *Migration) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Migration) GetContainer() string {
+	if x != nil {
+		return x.Container
+	}
+	return ""
+}
+
+func (x *Migration) GetPeer() string {
+	if x != nil {
+		return x.Peer
+	}
+	return ""
+}
+
+func (x *Migration) GetPeerNode() string {
+	if x != nil {
+		return x.PeerNode
+	}
+	return ""
+}
+
+func (x *Migration) GetMode() string {
+	if x != nil {
+		return x.Mode
+	}
+	return ""
+}
+
+func (x *Migration) GetModeReason() string {
+	if x != nil {
+		return x.ModeReason
+	}
+	return ""
+}
+
+func (x *Migration) GetPhase() string {
+	if x != nil {
+		return x.Phase
+	}
+	return ""
+}
+
+func (x *Migration) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *Migration) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *Migration) GetRounds() int32 {
+	if x != nil {
+		return x.Rounds
+	}
+	return 0
+}
+
+func (x *Migration) GetBytesSent() int64 {
+	if x != nil {
+		return x.BytesSent
+	}
+	return 0
+}
+
+func (x *Migration) GetTotalMs() int64 {
+	if x != nil {
+		return x.TotalMs
+	}
+	return 0
+}
+
+func (x *Migration) GetFrozenMs() int64 {
+	if x != nil {
+		return x.FrozenMs
+	}
+	return 0
+}
+
+func (x *Migration) GetDumpMs() int64 {
+	if x != nil {
+		return x.DumpMs
+	}
+	return 0
+}
+
+func (x *Migration) GetTransferMs() int64 {
+	if x != nil {
+		return x.TransferMs
+	}
+	return 0
+}
+
+func (x *Migration) GetRestoreMs() int64 {
+	if x != nil {
+		return x.RestoreMs
+	}
+	return 0
+}
+
+func (x *Migration) GetCriuFrozenMs() int64 {
+	if x != nil {
+		return x.CriuFrozenMs
+	}
+	return 0
+}
+
+func (x *Migration) GetPagesWritten() int64 {
+	if x != nil {
+		return x.PagesWritten
+	}
+	return 0
+}
+
+func (x *Migration) GetStartedAt() string {
+	if x != nil {
+		return x.StartedAt
+	}
+	return ""
+}
+
+func (x *Migration) GetFinishedAt() string {
+	if x != nil {
+		return x.FinishedAt
+	}
+	return ""
+}
+
+func (x *Migration) GetPredictedDowntimeMs() int64 {
+	if x != nil {
+		return x.PredictedDowntimeMs
+	}
+	return 0
+}
+
+type GetMigrationRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetMigrationRequest) Reset() {
+	*x = GetMigrationRequest{}
+	mi := &file_ferry_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetMigrationRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetMigrationRequest) ProtoMessage() {}
+
+func (x *GetMigrationRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetMigrationRequest.ProtoReflect.Descriptor instead.
+func (*GetMigrationRequest) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *GetMigrationRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type ListMigrationsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListMigrationsRequest) Reset() {
+	*x = ListMigrationsRequest{}
+	mi := &file_ferry_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListMigrationsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListMigrationsRequest) ProtoMessage() {}
+
+func (x *ListMigrationsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListMigrationsRequest.ProtoReflect.Descriptor instead.
+func (*ListMigrationsRequest) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{24}
+}
+
+type ListMigrationsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Migrations    []*Migration           `protobuf:"bytes,1,rep,name=migrations,proto3" json:"migrations,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListMigrationsResponse) Reset() {
+	*x = ListMigrationsResponse{}
+	mi := &file_ferry_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListMigrationsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListMigrationsResponse) ProtoMessage() {}
+
+func (x *ListMigrationsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListMigrationsResponse.ProtoReflect.Descriptor instead.
+func (*ListMigrationsResponse) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *ListMigrationsResponse) GetMigrations() []*Migration {
+	if x != nil {
+		return x.Migrations
+	}
+	return nil
+}
+
+type PrepareIncomingRequest struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	MigrationId  string                 `protobuf:"bytes,1,opt,name=migration_id,json=migrationId,proto3" json:"migration_id,omitempty"`
+	SourceNode   string                 `protobuf:"bytes,2,opt,name=source_node,json=sourceNode,proto3" json:"source_node,omitempty"`
+	AgentVersion string                 `protobuf:"bytes,3,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
+	CriuVersion  string                 `protobuf:"bytes,4,opt,name=criu_version,json=criuVersion,proto3" json:"criu_version,omitempty"`
+	CgroupMode   string                 `protobuf:"bytes,5,opt,name=cgroup_mode,json=cgroupMode,proto3" json:"cgroup_mode,omitempty"`
+	// The container as the source runs it: its request (with the address
+	// pinned), as JSON of the agent's Spec.
+	SpecJson      []byte `protobuf:"bytes,6,opt,name=spec_json,json=specJson,proto3" json:"spec_json,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PrepareIncomingRequest) Reset() {
+	*x = PrepareIncomingRequest{}
+	mi := &file_ferry_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PrepareIncomingRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PrepareIncomingRequest) ProtoMessage() {}
+
+func (x *PrepareIncomingRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PrepareIncomingRequest.ProtoReflect.Descriptor instead.
+func (*PrepareIncomingRequest) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *PrepareIncomingRequest) GetMigrationId() string {
+	if x != nil {
+		return x.MigrationId
+	}
+	return ""
+}
+
+func (x *PrepareIncomingRequest) GetSourceNode() string {
+	if x != nil {
+		return x.SourceNode
+	}
+	return ""
+}
+
+func (x *PrepareIncomingRequest) GetAgentVersion() string {
+	if x != nil {
+		return x.AgentVersion
+	}
+	return ""
+}
+
+func (x *PrepareIncomingRequest) GetCriuVersion() string {
+	if x != nil {
+		return x.CriuVersion
+	}
+	return ""
+}
+
+func (x *PrepareIncomingRequest) GetCgroupMode() string {
+	if x != nil {
+		return x.CgroupMode
+	}
+	return ""
+}
+
+func (x *PrepareIncomingRequest) GetSpecJson() []byte {
+	if x != nil {
+		return x.SpecJson
+	}
+	return nil
+}
+
+type PrepareIncomingResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	NodeName      string                 `protobuf:"bytes,1,opt,name=node_name,json=nodeName,proto3" json:"node_name,omitempty"`
+	CriuVersion   string                 `protobuf:"bytes,2,opt,name=criu_version,json=criuVersion,proto3" json:"criu_version,omitempty"`
+	CgroupMode    string                 `protobuf:"bytes,3,opt,name=cgroup_mode,json=cgroupMode,proto3" json:"cgroup_mode,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PrepareIncomingResponse) Reset() {
+	*x = PrepareIncomingResponse{}
+	mi := &file_ferry_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PrepareIncomingResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PrepareIncomingResponse) ProtoMessage() {}
+
+func (x *PrepareIncomingResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PrepareIncomingResponse.ProtoReflect.Descriptor instead.
+func (*PrepareIncomingResponse) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *PrepareIncomingResponse) GetNodeName() string {
+	if x != nil {
+		return x.NodeName
+	}
+	return ""
+}
+
+func (x *PrepareIncomingResponse) GetCriuVersion() string {
+	if x != nil {
+		return x.CriuVersion
+	}
+	return ""
+}
+
+func (x *PrepareIncomingResponse) GetCgroupMode() string {
+	if x != nil {
+		return x.CgroupMode
+	}
+	return ""
+}
+
+type ImageChunk struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Set on the first chunk only.
+	MigrationId string `protobuf:"bytes,1,opt,name=migration_id,json=migrationId,proto3" json:"migration_id,omitempty"`
+	// "images", "upper" or "log": which tree the data belongs to; a stream
+	// carries each tree as one tar archive, in that order.
+	Part          string `protobuf:"bytes,2,opt,name=part,proto3" json:"part,omitempty"`
+	Data          []byte `protobuf:"bytes,3,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImageChunk) Reset() {
+	*x = ImageChunk{}
+	mi := &file_ferry_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImageChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImageChunk) ProtoMessage() {}
+
+func (x *ImageChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImageChunk.ProtoReflect.Descriptor instead.
+func (*ImageChunk) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *ImageChunk) GetMigrationId() string {
+	if x != nil {
+		return x.MigrationId
+	}
+	return ""
+}
+
+func (x *ImageChunk) GetPart() string {
+	if x != nil {
+		return x.Part
+	}
+	return ""
+}
+
+func (x *ImageChunk) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+type SendImagesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Bytes         int64                  `protobuf:"varint,1,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SendImagesResponse) Reset() {
+	*x = SendImagesResponse{}
+	mi := &file_ferry_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SendImagesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SendImagesResponse) ProtoMessage() {}
+
+func (x *SendImagesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SendImagesResponse.ProtoReflect.Descriptor instead.
+func (*SendImagesResponse) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *SendImagesResponse) GetBytes() int64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+type RestoreIncomingRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	MigrationId   string                 `protobuf:"bytes,1,opt,name=migration_id,json=migrationId,proto3" json:"migration_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RestoreIncomingRequest) Reset() {
+	*x = RestoreIncomingRequest{}
+	mi := &file_ferry_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RestoreIncomingRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RestoreIncomingRequest) ProtoMessage() {}
+
+func (x *RestoreIncomingRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RestoreIncomingRequest.ProtoReflect.Descriptor instead.
+func (*RestoreIncomingRequest) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *RestoreIncomingRequest) GetMigrationId() string {
+	if x != nil {
+		return x.MigrationId
+	}
+	return ""
+}
+
+type RestoreIncomingResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pid           int64                  `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
+	RestoreMs     int64                  `protobuf:"varint,2,opt,name=restore_ms,json=restoreMs,proto3" json:"restore_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RestoreIncomingResponse) Reset() {
+	*x = RestoreIncomingResponse{}
+	mi := &file_ferry_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RestoreIncomingResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RestoreIncomingResponse) ProtoMessage() {}
+
+func (x *RestoreIncomingResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RestoreIncomingResponse.ProtoReflect.Descriptor instead.
+func (*RestoreIncomingResponse) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *RestoreIncomingResponse) GetPid() int64 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *RestoreIncomingResponse) GetRestoreMs() int64 {
+	if x != nil {
+		return x.RestoreMs
+	}
+	return 0
+}
+
+type AbortIncomingRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	MigrationId   string                 `protobuf:"bytes,1,opt,name=migration_id,json=migrationId,proto3" json:"migration_id,omitempty"`
+	Reason        string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AbortIncomingRequest) Reset() {
+	*x = AbortIncomingRequest{}
+	mi := &file_ferry_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AbortIncomingRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AbortIncomingRequest) ProtoMessage() {}
+
+func (x *AbortIncomingRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AbortIncomingRequest.ProtoReflect.Descriptor instead.
+func (*AbortIncomingRequest) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *AbortIncomingRequest) GetMigrationId() string {
+	if x != nil {
+		return x.MigrationId
+	}
+	return ""
+}
+
+func (x *AbortIncomingRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type AbortIncomingResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AbortIncomingResponse) Reset() {
+	*x = AbortIncomingResponse{}
+	mi := &file_ferry_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AbortIncomingResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AbortIncomingResponse) ProtoMessage() {}
+
+func (x *AbortIncomingResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AbortIncomingResponse.ProtoReflect.Descriptor instead.
+func (*AbortIncomingResponse) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{33}
+}
+
 var File_ferry_proto protoreflect.FileDescriptor
 
 const file_ferry_proto_rawDesc = "" +
@@ -1715,7 +2585,83 @@ const file_ferry_proto_rawDesc = "" +
 	"\bscarcest\x18\x06 \x01(\tR\bscarcest\x12<\n" +
 	"\n" +
 	"containers\x18\a \x03(\v2\x1c.ferry.v1.ContainerResourcesR\n" +
-	"containers2\x99\x05\n" +
+	"containers\"\xf3\x01\n" +
+	"\x0eMigrateRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04peer\x18\x02 \x01(\tR\x04peer\x12\x12\n" +
+	"\x04mode\x18\x03 \x01(\tR\x04mode\x12&\n" +
+	"\x0fmax_downtime_ms\x18\x04 \x01(\x03R\rmaxDowntimeMs\x12\x1d\n" +
+	"\n" +
+	"max_rounds\x18\x05 \x01(\x05R\tmaxRounds\x12;\n" +
+	"\x1abandwidth_bytes_per_second\x18\x06 \x01(\x03R\x17bandwidthBytesPerSecond\x12!\n" +
+	"\fmigration_id\x18\a \x01(\tR\vmigrationId\"\xe8\x04\n" +
+	"\tMigration\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1c\n" +
+	"\tcontainer\x18\x02 \x01(\tR\tcontainer\x12\x12\n" +
+	"\x04peer\x18\x03 \x01(\tR\x04peer\x12\x1b\n" +
+	"\tpeer_node\x18\x04 \x01(\tR\bpeerNode\x12\x12\n" +
+	"\x04mode\x18\x05 \x01(\tR\x04mode\x12\x1f\n" +
+	"\vmode_reason\x18\x06 \x01(\tR\n" +
+	"modeReason\x12\x14\n" +
+	"\x05phase\x18\a \x01(\tR\x05phase\x12\x14\n" +
+	"\x05state\x18\b \x01(\tR\x05state\x12\x14\n" +
+	"\x05error\x18\t \x01(\tR\x05error\x12\x16\n" +
+	"\x06rounds\x18\n" +
+	" \x01(\x05R\x06rounds\x12\x1d\n" +
+	"\n" +
+	"bytes_sent\x18\v \x01(\x03R\tbytesSent\x12\x19\n" +
+	"\btotal_ms\x18\f \x01(\x03R\atotalMs\x12\x1b\n" +
+	"\tfrozen_ms\x18\r \x01(\x03R\bfrozenMs\x12\x17\n" +
+	"\adump_ms\x18\x0e \x01(\x03R\x06dumpMs\x12\x1f\n" +
+	"\vtransfer_ms\x18\x0f \x01(\x03R\n" +
+	"transferMs\x12\x1d\n" +
+	"\n" +
+	"restore_ms\x18\x10 \x01(\x03R\trestoreMs\x12$\n" +
+	"\x0ecriu_frozen_ms\x18\x11 \x01(\x03R\fcriuFrozenMs\x12#\n" +
+	"\rpages_written\x18\x12 \x01(\x03R\fpagesWritten\x12\x1d\n" +
+	"\n" +
+	"started_at\x18\x13 \x01(\tR\tstartedAt\x12\x1f\n" +
+	"\vfinished_at\x18\x14 \x01(\tR\n" +
+	"finishedAt\x122\n" +
+	"\x15predicted_downtime_ms\x18\x15 \x01(\x03R\x13predictedDowntimeMs\"%\n" +
+	"\x13GetMigrationRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\x17\n" +
+	"\x15ListMigrationsRequest\"M\n" +
+	"\x16ListMigrationsResponse\x123\n" +
+	"\n" +
+	"migrations\x18\x01 \x03(\v2\x13.ferry.v1.MigrationR\n" +
+	"migrations\"\xe2\x01\n" +
+	"\x16PrepareIncomingRequest\x12!\n" +
+	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12\x1f\n" +
+	"\vsource_node\x18\x02 \x01(\tR\n" +
+	"sourceNode\x12#\n" +
+	"\ragent_version\x18\x03 \x01(\tR\fagentVersion\x12!\n" +
+	"\fcriu_version\x18\x04 \x01(\tR\vcriuVersion\x12\x1f\n" +
+	"\vcgroup_mode\x18\x05 \x01(\tR\n" +
+	"cgroupMode\x12\x1b\n" +
+	"\tspec_json\x18\x06 \x01(\fR\bspecJson\"z\n" +
+	"\x17PrepareIncomingResponse\x12\x1b\n" +
+	"\tnode_name\x18\x01 \x01(\tR\bnodeName\x12!\n" +
+	"\fcriu_version\x18\x02 \x01(\tR\vcriuVersion\x12\x1f\n" +
+	"\vcgroup_mode\x18\x03 \x01(\tR\n" +
+	"cgroupMode\"W\n" +
+	"\n" +
+	"ImageChunk\x12!\n" +
+	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12\x12\n" +
+	"\x04part\x18\x02 \x01(\tR\x04part\x12\x12\n" +
+	"\x04data\x18\x03 \x01(\fR\x04data\"*\n" +
+	"\x12SendImagesResponse\x12\x14\n" +
+	"\x05bytes\x18\x01 \x01(\x03R\x05bytes\";\n" +
+	"\x16RestoreIncomingRequest\x12!\n" +
+	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\"J\n" +
+	"\x17RestoreIncomingResponse\x12\x10\n" +
+	"\x03pid\x18\x01 \x01(\x03R\x03pid\x12\x1d\n" +
+	"\n" +
+	"restore_ms\x18\x02 \x01(\x03R\trestoreMs\"Q\n" +
+	"\x14AbortIncomingRequest\x12!\n" +
+	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"\x17\n" +
+	"\x15AbortIncomingResponse2\xb4\t\n" +
 	"\x05Ferry\x12>\n" +
 	"\aVersion\x12\x18.ferry.v1.VersionRequest\x1a\x19.ferry.v1.VersionResponse\x12B\n" +
 	"\fRunContainer\x12\x1d.ferry.v1.RunContainerRequest\x1a\x13.ferry.v1.Container\x12S\n" +
@@ -1726,7 +2672,15 @@ const file_ferry_proto_rawDesc = "" +
 	"\x04Exec\x12\x15.ferry.v1.ExecRequest\x1a\x14.ferry.v1.ExecOutput0\x01\x123\n" +
 	"\x04Logs\x12\x15.ferry.v1.LogsRequest\x1a\x12.ferry.v1.LogChunk0\x01\x124\n" +
 	"\x06Events\x12\x17.ferry.v1.EventsRequest\x1a\x0f.ferry.v1.Event0\x01\x123\n" +
-	"\x04Node\x12\x15.ferry.v1.NodeRequest\x1a\x14.ferry.v1.NodeReportB,Z*github.com/ferry-agent/ferry/agent/api;apib\x06proto3"
+	"\x04Node\x12\x15.ferry.v1.NodeRequest\x1a\x14.ferry.v1.NodeReport\x12:\n" +
+	"\aMigrate\x12\x18.ferry.v1.MigrateRequest\x1a\x13.ferry.v1.Migration0\x01\x12B\n" +
+	"\fGetMigration\x12\x1d.ferry.v1.GetMigrationRequest\x1a\x13.ferry.v1.Migration\x12S\n" +
+	"\x0eListMigrations\x12\x1f.ferry.v1.ListMigrationsRequest\x1a .ferry.v1.ListMigrationsResponse\x12V\n" +
+	"\x0fPrepareIncoming\x12 .ferry.v1.PrepareIncomingRequest\x1a!.ferry.v1.PrepareIncomingResponse\x12B\n" +
+	"\n" +
+	"SendImages\x12\x14.ferry.v1.ImageChunk\x1a\x1c.ferry.v1.SendImagesResponse(\x01\x12V\n" +
+	"\x0fRestoreIncoming\x12 .ferry.v1.RestoreIncomingRequest\x1a!.ferry.v1.RestoreIncomingResponse\x12P\n" +
+	"\rAbortIncoming\x12\x1e.ferry.v1.AbortIncomingRequest\x1a\x1f.ferry.v1.AbortIncomingResponseB,Z*github.com/ferry-agent/ferry/agent/api;apib\x06proto3"
 
 var (
 	file_ferry_proto_rawDescOnce sync.Once
@@ -1740,7 +2694,7 @@ func file_ferry_proto_rawDescGZIP() []byte {
 	return file_ferry_proto_rawDescData
 }
 
-var file_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
 var file_ferry_proto_goTypes = []any{
 	(*VersionRequest)(nil),          // 0: ferry.v1.VersionRequest
 	(*VersionResponse)(nil),         // 1: ferry.v1.VersionResponse
@@ -1763,20 +2717,33 @@ var file_ferry_proto_goTypes = []any{
 	(*ResourceReport)(nil),          // 18: ferry.v1.ResourceReport
 	(*ContainerResources)(nil),      // 19: ferry.v1.ContainerResources
 	(*NodeReport)(nil),              // 20: ferry.v1.NodeReport
-	nil,                             // 21: ferry.v1.RunContainerRequest.SysctlsEntry
-	nil,                             // 22: ferry.v1.Container.SysctlsEntry
-	nil,                             // 23: ferry.v1.Event.AttributesEntry
+	(*MigrateRequest)(nil),          // 21: ferry.v1.MigrateRequest
+	(*Migration)(nil),               // 22: ferry.v1.Migration
+	(*GetMigrationRequest)(nil),     // 23: ferry.v1.GetMigrationRequest
+	(*ListMigrationsRequest)(nil),   // 24: ferry.v1.ListMigrationsRequest
+	(*ListMigrationsResponse)(nil),  // 25: ferry.v1.ListMigrationsResponse
+	(*PrepareIncomingRequest)(nil),  // 26: ferry.v1.PrepareIncomingRequest
+	(*PrepareIncomingResponse)(nil), // 27: ferry.v1.PrepareIncomingResponse
+	(*ImageChunk)(nil),              // 28: ferry.v1.ImageChunk
+	(*SendImagesResponse)(nil),      // 29: ferry.v1.SendImagesResponse
+	(*RestoreIncomingRequest)(nil),  // 30: ferry.v1.RestoreIncomingRequest
+	(*RestoreIncomingResponse)(nil), // 31: ferry.v1.RestoreIncomingResponse
+	(*AbortIncomingRequest)(nil),    // 32: ferry.v1.AbortIncomingRequest
+	(*AbortIncomingResponse)(nil),   // 33: ferry.v1.AbortIncomingResponse
+	nil,                             // 34: ferry.v1.RunContainerRequest.SysctlsEntry
+	nil,                             // 35: ferry.v1.Container.SysctlsEntry
+	nil,                             // 36: ferry.v1.Event.AttributesEntry
 }
 var file_ferry_proto_depIdxs = []int32{
 	2,  // 0: ferry.v1.RunContainerRequest.guarantee:type_name -> ferry.v1.Resources
 	2,  // 1: ferry.v1.RunContainerRequest.ceiling:type_name -> ferry.v1.Resources
-	21, // 2: ferry.v1.RunContainerRequest.sysctls:type_name -> ferry.v1.RunContainerRequest.SysctlsEntry
+	34, // 2: ferry.v1.RunContainerRequest.sysctls:type_name -> ferry.v1.RunContainerRequest.SysctlsEntry
 	2,  // 3: ferry.v1.Container.guarantee:type_name -> ferry.v1.Resources
 	2,  // 4: ferry.v1.Container.ceiling:type_name -> ferry.v1.Resources
-	22, // 5: ferry.v1.Container.sysctls:type_name -> ferry.v1.Container.SysctlsEntry
+	35, // 5: ferry.v1.Container.sysctls:type_name -> ferry.v1.Container.SysctlsEntry
 	2,  // 6: ferry.v1.Container.effective_ceiling:type_name -> ferry.v1.Resources
 	4,  // 7: ferry.v1.ListContainersResponse.containers:type_name -> ferry.v1.Container
-	23, // 8: ferry.v1.Event.attributes:type_name -> ferry.v1.Event.AttributesEntry
+	36, // 8: ferry.v1.Event.attributes:type_name -> ferry.v1.Event.AttributesEntry
 	2,  // 9: ferry.v1.ContainerResources.guarantee:type_name -> ferry.v1.Resources
 	2,  // 10: ferry.v1.ContainerResources.ceiling:type_name -> ferry.v1.Resources
 	2,  // 11: ferry.v1.ContainerResources.effective_ceiling:type_name -> ferry.v1.Resources
@@ -1784,31 +2751,46 @@ var file_ferry_proto_depIdxs = []int32{
 	18, // 13: ferry.v1.NodeReport.cpu:type_name -> ferry.v1.ResourceReport
 	18, // 14: ferry.v1.NodeReport.memory:type_name -> ferry.v1.ResourceReport
 	19, // 15: ferry.v1.NodeReport.containers:type_name -> ferry.v1.ContainerResources
-	0,  // 16: ferry.v1.Ferry.Version:input_type -> ferry.v1.VersionRequest
-	3,  // 17: ferry.v1.Ferry.RunContainer:input_type -> ferry.v1.RunContainerRequest
-	5,  // 18: ferry.v1.Ferry.ListContainers:input_type -> ferry.v1.ListContainersRequest
-	7,  // 19: ferry.v1.Ferry.GetContainer:input_type -> ferry.v1.GetContainerRequest
-	8,  // 20: ferry.v1.Ferry.StopContainer:input_type -> ferry.v1.StopContainerRequest
-	9,  // 21: ferry.v1.Ferry.RemoveContainer:input_type -> ferry.v1.RemoveContainerRequest
-	11, // 22: ferry.v1.Ferry.Exec:input_type -> ferry.v1.ExecRequest
-	13, // 23: ferry.v1.Ferry.Logs:input_type -> ferry.v1.LogsRequest
-	15, // 24: ferry.v1.Ferry.Events:input_type -> ferry.v1.EventsRequest
-	17, // 25: ferry.v1.Ferry.Node:input_type -> ferry.v1.NodeRequest
-	1,  // 26: ferry.v1.Ferry.Version:output_type -> ferry.v1.VersionResponse
-	4,  // 27: ferry.v1.Ferry.RunContainer:output_type -> ferry.v1.Container
-	6,  // 28: ferry.v1.Ferry.ListContainers:output_type -> ferry.v1.ListContainersResponse
-	4,  // 29: ferry.v1.Ferry.GetContainer:output_type -> ferry.v1.Container
-	4,  // 30: ferry.v1.Ferry.StopContainer:output_type -> ferry.v1.Container
-	10, // 31: ferry.v1.Ferry.RemoveContainer:output_type -> ferry.v1.RemoveContainerResponse
-	12, // 32: ferry.v1.Ferry.Exec:output_type -> ferry.v1.ExecOutput
-	14, // 33: ferry.v1.Ferry.Logs:output_type -> ferry.v1.LogChunk
-	16, // 34: ferry.v1.Ferry.Events:output_type -> ferry.v1.Event
-	20, // 35: ferry.v1.Ferry.Node:output_type -> ferry.v1.NodeReport
-	26, // [26:36] is the sub-list for method output_type
-	16, // [16:26] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	22, // 16: ferry.v1.ListMigrationsResponse.migrations:type_name -> ferry.v1.Migration
+	0,  // 17: ferry.v1.Ferry.Version:input_type -> ferry.v1.VersionRequest
+	3,  // 18: ferry.v1.Ferry.RunContainer:input_type -> ferry.v1.RunContainerRequest
+	5,  // 19: ferry.v1.Ferry.ListContainers:input_type -> ferry.v1.ListContainersRequest
+	7,  // 20: ferry.v1.Ferry.GetContainer:input_type -> ferry.v1.GetContainerRequest
+	8,  // 21: ferry.v1.Ferry.StopContainer:input_type -> ferry.v1.StopContainerRequest
+	9,  // 22: ferry.v1.Ferry.RemoveContainer:input_type -> ferry.v1.RemoveContainerRequest
+	11, // 23: ferry.v1.Ferry.Exec:input_type -> ferry.v1.ExecRequest
+	13, // 24: ferry.v1.Ferry.Logs:input_type -> ferry.v1.LogsRequest
+	15, // 25: ferry.v1.Ferry.Events:input_type -> ferry.v1.EventsRequest
+	17, // 26: ferry.v1.Ferry.Node:input_type -> ferry.v1.NodeRequest
+	21, // 27: ferry.v1.Ferry.Migrate:input_type -> ferry.v1.MigrateRequest
+	23, // 28: ferry.v1.Ferry.GetMigration:input_type -> ferry.v1.GetMigrationRequest
+	24, // 29: ferry.v1.Ferry.ListMigrations:input_type -> ferry.v1.ListMigrationsRequest
+	26, // 30: ferry.v1.Ferry.PrepareIncoming:input_type -> ferry.v1.PrepareIncomingRequest
+	28, // 31: ferry.v1.Ferry.SendImages:input_type -> ferry.v1.ImageChunk
+	30, // 32: ferry.v1.Ferry.RestoreIncoming:input_type -> ferry.v1.RestoreIncomingRequest
+	32, // 33: ferry.v1.Ferry.AbortIncoming:input_type -> ferry.v1.AbortIncomingRequest
+	1,  // 34: ferry.v1.Ferry.Version:output_type -> ferry.v1.VersionResponse
+	4,  // 35: ferry.v1.Ferry.RunContainer:output_type -> ferry.v1.Container
+	6,  // 36: ferry.v1.Ferry.ListContainers:output_type -> ferry.v1.ListContainersResponse
+	4,  // 37: ferry.v1.Ferry.GetContainer:output_type -> ferry.v1.Container
+	4,  // 38: ferry.v1.Ferry.StopContainer:output_type -> ferry.v1.Container
+	10, // 39: ferry.v1.Ferry.RemoveContainer:output_type -> ferry.v1.RemoveContainerResponse
+	12, // 40: ferry.v1.Ferry.Exec:output_type -> ferry.v1.ExecOutput
+	14, // 41: ferry.v1.Ferry.Logs:output_type -> ferry.v1.LogChunk
+	16, // 42: ferry.v1.Ferry.Events:output_type -> ferry.v1.Event
+	20, // 43: ferry.v1.Ferry.Node:output_type -> ferry.v1.NodeReport
+	22, // 44: ferry.v1.Ferry.Migrate:output_type -> ferry.v1.Migration
+	22, // 45: ferry.v1.Ferry.GetMigration:output_type -> ferry.v1.Migration
+	25, // 46: ferry.v1.Ferry.ListMigrations:output_type -> ferry.v1.ListMigrationsResponse
+	27, // 47: ferry.v1.Ferry.PrepareIncoming:output_type -> ferry.v1.PrepareIncomingResponse
+	29, // 48: ferry.v1.Ferry.SendImages:output_type -> ferry.v1.SendImagesResponse
+	31, // 49: ferry.v1.Ferry.RestoreIncoming:output_type -> ferry.v1.RestoreIncomingResponse
+	33, // 50: ferry.v1.Ferry.AbortIncoming:output_type -> ferry.v1.AbortIncomingResponse
+	34, // [34:51] is the sub-list for method output_type
+	17, // [17:34] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_ferry_proto_init() }
@@ -1827,7 +2809,7 @@ func file_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_proto_rawDesc), len(file_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   24,
+			NumMessages:   37,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -32,6 +32,13 @@ const (
 	Ferry_Logs_FullMethodName            = "/ferry.v1.Ferry/Logs"
 	Ferry_Events_FullMethodName          = "/ferry.v1.Ferry/Events"
 	Ferry_Node_FullMethodName            = "/ferry.v1.Ferry/Node"
+	Ferry_Migrate_FullMethodName         = "/ferry.v1.Ferry/Migrate"
+	Ferry_GetMigration_FullMethodName    = "/ferry.v1.Ferry/GetMigration"
+	Ferry_ListMigrations_FullMethodName  = "/ferry.v1.Ferry/ListMigrations"
+	Ferry_PrepareIncoming_FullMethodName = "/ferry.v1.Ferry/PrepareIncoming"
+	Ferry_SendImages_FullMethodName      = "/ferry.v1.Ferry/SendImages"
+	Ferry_RestoreIncoming_FullMethodName = "/ferry.v1.Ferry/RestoreIncoming"
+	Ferry_AbortIncoming_FullMethodName   = "/ferry.v1.Ferry/AbortIncoming"
 )
 
 // FerryClient is the client API for Ferry service.
@@ -61,6 +68,28 @@ type FerryClient interface {
 	// containers: capacity, allocatable, guaranteed, used, pressure and the
 	// harden/relax state per resource, and the scarcest resource.
 	Node(ctx context.Context, in *NodeRequest, opts ...grpc.CallOption) (*NodeReport, error)
+	// Migrate moves a running container to a peer agent and streams the
+	// migration's progress; the last message has its outcome. Idempotent by
+	// migration id: asking again for a known id streams that migration.
+	Migrate(ctx context.Context, in *MigrateRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Migration], error)
+	// GetMigration returns one migration this agent ran as the source.
+	GetMigration(ctx context.Context, in *GetMigrationRequest, opts ...grpc.CallOption) (*Migration, error)
+	// ListMigrations returns the migrations this agent ran as the source.
+	ListMigrations(ctx context.Context, in *ListMigrationsRequest, opts ...grpc.CallOption) (*ListMigrationsResponse, error)
+	// The peer side of a migration, called by the source agent over mutual
+	// TLS; refused on the local socket.
+	//
+	// PrepareIncoming: handshake, admission (the guarantee is reserved) and
+	// everything prepared before the source freezes: the network namespace
+	// with the same address and MAC (on standby), the state directory.
+	PrepareIncoming(ctx context.Context, in *PrepareIncomingRequest, opts ...grpc.CallOption) (*PrepareIncomingResponse, error)
+	// SendImages streams the final images, the upper layer and the log.
+	SendImages(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ImageChunk, SendImagesResponse], error)
+	// RestoreIncoming restores the container, brings its network up and
+	// confirms; after a successful reply the source deletes its copy.
+	RestoreIncoming(ctx context.Context, in *RestoreIncomingRequest, opts ...grpc.CallOption) (*RestoreIncomingResponse, error)
+	// AbortIncoming removes everything PrepareIncoming and SendImages made.
+	AbortIncoming(ctx context.Context, in *AbortIncomingRequest, opts ...grpc.CallOption) (*AbortIncomingResponse, error)
 }
 
 type ferryClient struct {
@@ -198,6 +227,88 @@ func (c *ferryClient) Node(ctx context.Context, in *NodeRequest, opts ...grpc.Ca
 	return out, nil
 }
 
+func (c *ferryClient) Migrate(ctx context.Context, in *MigrateRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Migration], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Ferry_ServiceDesc.Streams[3], Ferry_Migrate_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[MigrateRequest, Migration]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Ferry_MigrateClient = grpc.ServerStreamingClient[Migration]
+
+func (c *ferryClient) GetMigration(ctx context.Context, in *GetMigrationRequest, opts ...grpc.CallOption) (*Migration, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Migration)
+	err := c.cc.Invoke(ctx, Ferry_GetMigration_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *ferryClient) ListMigrations(ctx context.Context, in *ListMigrationsRequest, opts ...grpc.CallOption) (*ListMigrationsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListMigrationsResponse)
+	err := c.cc.Invoke(ctx, Ferry_ListMigrations_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *ferryClient) PrepareIncoming(ctx context.Context, in *PrepareIncomingRequest, opts ...grpc.CallOption) (*PrepareIncomingResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PrepareIncomingResponse)
+	err := c.cc.Invoke(ctx, Ferry_PrepareIncoming_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *ferryClient) SendImages(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ImageChunk, SendImagesResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Ferry_ServiceDesc.Streams[4], Ferry_SendImages_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ImageChunk, SendImagesResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Ferry_SendImagesClient = grpc.ClientStreamingClient[ImageChunk, SendImagesResponse]
+
+func (c *ferryClient) RestoreIncoming(ctx context.Context, in *RestoreIncomingRequest, opts ...grpc.CallOption) (*RestoreIncomingResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RestoreIncomingResponse)
+	err := c.cc.Invoke(ctx, Ferry_RestoreIncoming_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *ferryClient) AbortIncoming(ctx context.Context, in *AbortIncomingRequest, opts ...grpc.CallOption) (*AbortIncomingResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AbortIncomingResponse)
+	err := c.cc.Invoke(ctx, Ferry_AbortIncoming_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // FerryServer is the server API for Ferry service.
 // All implementations must embed UnimplementedFerryServer
 // for forward compatibility.
@@ -225,6 +336,28 @@ type FerryServer interface {
 	// containers: capacity, allocatable, guaranteed, used, pressure and the
 	// harden/relax state per resource, and the scarcest resource.
 	Node(context.Context, *NodeRequest) (*NodeReport, error)
+	// Migrate moves a running container to a peer agent and streams the
+	// migration's progress; the last message has its outcome. Idempotent by
+	// migration id: asking again for a known id streams that migration.
+	Migrate(*MigrateRequest, grpc.ServerStreamingServer[Migration]) error
+	// GetMigration returns one migration this agent ran as the source.
+	GetMigration(context.Context, *GetMigrationRequest) (*Migration, error)
+	// ListMigrations returns the migrations this agent ran as the source.
+	ListMigrations(context.Context, *ListMigrationsRequest) (*ListMigrationsResponse, error)
+	// The peer side of a migration, called by the source agent over mutual
+	// TLS; refused on the local socket.
+	//
+	// PrepareIncoming: handshake, admission (the guarantee is reserved) and
+	// everything prepared before the source freezes: the network namespace
+	// with the same address and MAC (on standby), the state directory.
+	PrepareIncoming(context.Context, *PrepareIncomingRequest) (*PrepareIncomingResponse, error)
+	// SendImages streams the final images, the upper layer and the log.
+	SendImages(grpc.ClientStreamingServer[ImageChunk, SendImagesResponse]) error
+	// RestoreIncoming restores the container, brings its network up and
+	// confirms; after a successful reply the source deletes its copy.
+	RestoreIncoming(context.Context, *RestoreIncomingRequest) (*RestoreIncomingResponse, error)
+	// AbortIncoming removes everything PrepareIncoming and SendImages made.
+	AbortIncoming(context.Context, *AbortIncomingRequest) (*AbortIncomingResponse, error)
 	mustEmbedUnimplementedFerryServer()
 }
 
@@ -264,6 +397,27 @@ func (UnimplementedFerryServer) Events(*EventsRequest, grpc.ServerStreamingServe
 }
 func (UnimplementedFerryServer) Node(context.Context, *NodeRequest) (*NodeReport, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Node not implemented")
+}
+func (UnimplementedFerryServer) Migrate(*MigrateRequest, grpc.ServerStreamingServer[Migration]) error {
+	return status.Errorf(codes.Unimplemented, "method Migrate not implemented")
+}
+func (UnimplementedFerryServer) GetMigration(context.Context, *GetMigrationRequest) (*Migration, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GetMigration not implemented")
+}
+func (UnimplementedFerryServer) ListMigrations(context.Context, *ListMigrationsRequest) (*ListMigrationsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListMigrations not implemented")
+}
+func (UnimplementedFerryServer) PrepareIncoming(context.Context, *PrepareIncomingRequest) (*PrepareIncomingResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method PrepareIncoming not implemented")
+}
+func (UnimplementedFerryServer) SendImages(grpc.ClientStreamingServer[ImageChunk, SendImagesResponse]) error {
+	return status.Errorf(codes.Unimplemented, "method SendImages not implemented")
+}
+func (UnimplementedFerryServer) RestoreIncoming(context.Context, *RestoreIncomingRequest) (*RestoreIncomingResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RestoreIncoming not implemented")
+}
+func (UnimplementedFerryServer) AbortIncoming(context.Context, *AbortIncomingRequest) (*AbortIncomingResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method AbortIncoming not implemented")
 }
 func (UnimplementedFerryServer) mustEmbedUnimplementedFerryServer() {}
 func (UnimplementedFerryServer) testEmbeddedByValue()               {}
@@ -445,6 +599,114 @@ func _Ferry_Node_Handler(srv interface{}, ctx context.Context, dec func(interfac
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Ferry_Migrate_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(MigrateRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(FerryServer).Migrate(m, &grpc.GenericServerStream[MigrateRequest, Migration]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Ferry_MigrateServer = grpc.ServerStreamingServer[Migration]
+
+func _Ferry_GetMigration_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetMigrationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(FerryServer).GetMigration(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Ferry_GetMigration_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(FerryServer).GetMigration(ctx, req.(*GetMigrationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Ferry_ListMigrations_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListMigrationsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(FerryServer).ListMigrations(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Ferry_ListMigrations_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(FerryServer).ListMigrations(ctx, req.(*ListMigrationsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Ferry_PrepareIncoming_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PrepareIncomingRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(FerryServer).PrepareIncoming(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Ferry_PrepareIncoming_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(FerryServer).PrepareIncoming(ctx, req.(*PrepareIncomingRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Ferry_SendImages_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(FerryServer).SendImages(&grpc.GenericServerStream[ImageChunk, SendImagesResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Ferry_SendImagesServer = grpc.ClientStreamingServer[ImageChunk, SendImagesResponse]
+
+func _Ferry_RestoreIncoming_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RestoreIncomingRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(FerryServer).RestoreIncoming(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Ferry_RestoreIncoming_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(FerryServer).RestoreIncoming(ctx, req.(*RestoreIncomingRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Ferry_AbortIncoming_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AbortIncomingRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(FerryServer).AbortIncoming(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Ferry_AbortIncoming_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(FerryServer).AbortIncoming(ctx, req.(*AbortIncomingRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Ferry_ServiceDesc is the grpc.ServiceDesc for Ferry service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -480,6 +742,26 @@ var Ferry_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "Node",
 			Handler:    _Ferry_Node_Handler,
 		},
+		{
+			MethodName: "GetMigration",
+			Handler:    _Ferry_GetMigration_Handler,
+		},
+		{
+			MethodName: "ListMigrations",
+			Handler:    _Ferry_ListMigrations_Handler,
+		},
+		{
+			MethodName: "PrepareIncoming",
+			Handler:    _Ferry_PrepareIncoming_Handler,
+		},
+		{
+			MethodName: "RestoreIncoming",
+			Handler:    _Ferry_RestoreIncoming_Handler,
+		},
+		{
+			MethodName: "AbortIncoming",
+			Handler:    _Ferry_AbortIncoming_Handler,
+		},
 	},
 	Streams: []grpc.StreamDesc{
 		{
@@ -496,6 +778,16 @@ var Ferry_ServiceDesc = grpc.ServiceDesc{
 			StreamName:    "Events",
 			Handler:       _Ferry_Events_Handler,
 			ServerStreams: true,
+		},
+		{
+			StreamName:    "Migrate",
+			Handler:       _Ferry_Migrate_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "SendImages",
+			Handler:       _Ferry_SendImages_Handler,
+			ClientStreams: true,
 		},
 	},
 	Metadata: "ferry.proto",

@@ -138,3 +138,38 @@ func NodeView(r *api.NodeReport) NodeReportView {
 	}
 	return v
 }
+
+// MigrationJSON is the stable JSON form of a migration (ferryctl migrations -o json).
+type MigrationJSON struct {
+	ID                  string `json:"id"`
+	Container           string `json:"container"`
+	Peer                string `json:"peer"`
+	PeerNode            string `json:"peer_node"`
+	Mode                string `json:"mode"`
+	ModeReason          string `json:"mode_reason"`
+	Phase               string `json:"phase"`
+	State               string `json:"state"`
+	Error               string `json:"error"`
+	Rounds              int32  `json:"rounds"`
+	BytesSent           int64  `json:"bytes_sent"`
+	TotalMs             int64  `json:"total_ms"`
+	FrozenMs            int64  `json:"frozen_ms"`
+	DumpMs              int64  `json:"dump_ms"`
+	TransferMs          int64  `json:"transfer_ms"`
+	RestoreMs           int64  `json:"restore_ms"`
+	CriuFrozenMs        int64  `json:"criu_frozen_ms"`
+	PagesWritten        int64  `json:"pages_written"`
+	PredictedDowntimeMs int64  `json:"predicted_downtime_ms"`
+	StartedAt           string `json:"started_at"`
+	FinishedAt          string `json:"finished_at"`
+}
+
+// MigrationView converts an API migration to its JSON form.
+func MigrationView(m *api.Migration) MigrationJSON {
+	return MigrationJSON{ID: m.GetId(), Container: m.GetContainer(), Peer: m.GetPeer(), PeerNode: m.GetPeerNode(),
+		Mode: m.GetMode(), ModeReason: m.GetModeReason(), Phase: m.GetPhase(), State: m.GetState(), Error: m.GetError(),
+		Rounds: m.GetRounds(), BytesSent: m.GetBytesSent(), TotalMs: m.GetTotalMs(), FrozenMs: m.GetFrozenMs(),
+		DumpMs: m.GetDumpMs(), TransferMs: m.GetTransferMs(), RestoreMs: m.GetRestoreMs(), CriuFrozenMs: m.GetCriuFrozenMs(),
+		PagesWritten: m.GetPagesWritten(), PredictedDowntimeMs: m.GetPredictedDowntimeMs(),
+		StartedAt: m.GetStartedAt(), FinishedAt: m.GetFinishedAt()}
+}

@@ -68,7 +68,7 @@ func rootCmd() *cobra.Command {
 		def = client.DefaultSocket
 	}
 	root.PersistentFlags().StringVar(&socket, "socket", def, "ferryd's local socket (env FERRY_SOCKET)")
-	root.AddCommand(runCmd(), psCmd(), inspectCmd(), logsCmd(), execCmd(), stopCmd(), rmCmd(), versionCmd(), certsCmd(), eventsCmd(), nodeCmd())
+	root.AddCommand(runCmd(), psCmd(), inspectCmd(), logsCmd(), execCmd(), stopCmd(), rmCmd(), versionCmd(), certsCmd(), eventsCmd(), nodeCmd(), migrateCmd(), migrationsCmd())
 	return root
 }
 
@@ -552,4 +552,131 @@ func humanBytes(v float64) string {
 		return fmt.Sprintf("%.0f", v)
 	}
 	return fmt.Sprintf("%.2f%s", v, units[i])
+}
+
+func migrateCmd() *cobra.Command {
+	var (
+		to, mode, id string
+		maxDowntime  time.Duration
+		rounds       int32
+		bandwidth    string
+	)
+	cmd := &cobra.Command{
+		Use:   "migrate NAME --to HOST:PORT",
+		Short: "Move a running container to a peer ferryd, live; it keeps its address and connections",
+		Long: `Move a running container to the peer ferryd listening (with mutual TLS) at HOST:PORT.
+The peer admits it and prepares its network namespace with the same address and MAC;
+then the container is frozen, dumped with CRIU, its images, upper layer and log are sent
+inside the authenticated channel, and the peer restores it. Only the peer's confirmation
+deletes the copy here; any failure before it thaws the container where it was.
+
+Modes: auto (default), stopcopy, precopy (needs soft-dirty memory tracking on both
+kernels), postcopy. The progress is printed per phase, then a summary.`,
+		Example: "  ferryctl migrate web --to 10.0.0.2:7443",
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if to == "" {
+				return errors.New("--to: the peer's HOST:PORT is needed")
+			}
+			if maxDowntime < 0 {
+				return fmt.Errorf("--max-downtime %s: negative", maxDowntime)
+			}
+			var bw int64
+			if bandwidth != "" {
+				var err error
+				if bw, err = cgroup.ParseSize(bandwidth); err != nil {
+					return fmt.Errorf("--bandwidth: %w", err)
+				}
+			}
+			c, err := dial()
+			if err != nil {
+				return err
+			}
+			defer func() { _ = c.Close() }()
+			s, err := c.Migrate(cmd.Context(), &api.MigrateRequest{Name: args[0], Peer: to, Mode: mode,
+				MaxDowntimeMs: maxDowntime.Milliseconds(), MaxRounds: rounds, BandwidthBytesPerSecond: bw, MigrationId: id})
+			if err != nil {
+				return c.Explain(err)
+			}
+			var last *api.Migration
+			for {
+				m, err := s.Recv()
+				if errors.Is(err, io.EOF) {
+					break
+				}
+				if err != nil {
+					if last != nil {
+						printMigrationSummary(last)
+					}
+					return c.Explain(err)
+				}
+				if last == nil || m.Phase != last.Phase {
+					fmt.Printf("[%7.3fs] %-9s round %d  %s sent\n", float64(m.TotalMs)/1000, m.Phase, m.Rounds, humanBytes(float64(m.BytesSent)))
+				}
+				last = m
+			}
+			if last != nil {
+				printMigrationSummary(last)
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&to, "to", "", "the peer ferryd's --listen address, HOST:PORT")
+	f.StringVar(&mode, "mode", "auto", "auto, stopcopy, precopy or postcopy")
+	f.DurationVar(&maxDowntime, "max-downtime", 300*time.Millisecond, "downtime target")
+	f.Int32Var(&rounds, "max-rounds", 0, "pre-copy round limit (0: default)")
+	f.StringVar(&bandwidth, "bandwidth", "", "bandwidth cap per second, e.g. 100M")
+	f.StringVar(&id, "id", "", "migration id (idempotency key; default: a new one)")
+	return cmd
+}
+
+func printMigrationSummary(m *api.Migration) {
+	fmt.Printf("migration %s: %s (%s) %s -> %s\n", m.Id, m.State, m.Phase, m.Container, dash(m.PeerNode))
+	fmt.Printf("  mode:       %s (%s)\n", m.Mode, m.ModeReason)
+	fmt.Printf("  rounds:     %d\n  bytes:      %s\n", m.Rounds, humanBytes(float64(m.BytesSent)))
+	fmt.Printf("  total:      %d ms\n  downtime:   %d ms (frozen; CRIU's own frozen time %d ms)\n", m.TotalMs, m.FrozenMs, m.CriuFrozenMs)
+	fmt.Printf("  dump:       %d ms\n  transfer:   %d ms\n  restore:    %d ms\n", m.DumpMs, m.TransferMs, m.RestoreMs)
+	if m.Error != "" {
+		fmt.Printf("  error:      %s\n", m.Error)
+	}
+}
+
+func migrationsCmd() *cobra.Command {
+	var output string
+	cmd := &cobra.Command{
+		Use:   "migrations",
+		Short: "List the migrations this node ran as the source, with their figures",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if output != "table" && output != "json" {
+				return fmt.Errorf("-o %q: want table or json", output)
+			}
+			c, err := dial()
+			if err != nil {
+				return err
+			}
+			defer func() { _ = c.Close() }()
+			r, err := c.ListMigrations(cmd.Context(), &api.ListMigrationsRequest{})
+			if err != nil {
+				return c.Explain(err)
+			}
+			if output == "json" {
+				out := make([]client.MigrationJSON, 0, len(r.Migrations))
+				for _, m := range r.Migrations {
+					out = append(out, client.MigrationView(m))
+				}
+				return printJSON(out)
+			}
+			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			_, _ = fmt.Fprintln(tw, "ID\tCONTAINER\tPEER\tMODE\tSTATE\tDOWNTIME\tTOTAL\tBYTES\tSTARTED")
+			for _, m := range r.Migrations {
+				_, _ = fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%dms\t%dms\t%s\t%s\n", m.Id, m.Container, dash(m.PeerNode), m.Mode,
+					m.State, m.FrozenMs, m.TotalMs, humanBytes(float64(m.BytesSent)), m.StartedAt)
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
+	return cmd
 }

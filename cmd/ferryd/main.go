@@ -209,7 +209,8 @@ func serve(o options) error {
 	}
 	a, err := agent.New(agent.Config{
 		Capacity: capacity, Reserved: reserved, PressureSource: o.pressure, Detector: detector(o), Network: network,
-		Root: o.root, RunDir: o.runDir, NodeName: o.nodeName, CgroupParent: o.cgroupParent,
+		TLSDir: o.tlsDir,
+		Root:   o.root, RunDir: o.runDir, NodeName: o.nodeName, CgroupParent: o.cgroupParent,
 		DefaultRootfs: o.defaultRootfs, CriuPath: o.criu, LogMax: o.logMax, Version: version,
 		SysctlAllow: o.sysctlAllow, BPFRoot: o.bpfRoot,
 	}, log)
@@ -237,7 +238,7 @@ func serve(o options) error {
 			return err
 		}
 		tsrv := grpc.NewServer(topts...)
-		api.RegisterFerryServer(tsrv, agent.NewServer(a, log))
+		api.RegisterFerryServer(tsrv, agent.NewPeerServer(a, log))
 		tl, err := net.Listen("tcp", o.listen)
 		if err != nil {
 			srv.Stop()

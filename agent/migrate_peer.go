@@ -1,0 +1,350 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/ferry-agent/ferry/agent/api"
+	"github.com/ferry-agent/ferry/internal/atomicfile"
+	"github.com/ferry-agent/ferry/migrate"
+	"github.com/ferry-agent/ferry/netsetup"
+)
+
+// incoming is a container this agent is receiving from a source agent.
+type incoming struct {
+	id       string
+	c        *container
+	images   string
+	received bool
+	timer    *time.Timer
+}
+
+// Limits on what a source may send.
+const (
+	incomingMaxBytes = 64 << 30
+	incomingMaxFiles = 1 << 20
+	incomingTimeout  = 10 * time.Minute
+)
+
+func (a *Agent) getIncoming(id string) (*incoming, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	in, ok := a.incoming[id]
+	if !ok {
+		return nil, fmt.Errorf("incoming migration %q: %w", id, ErrNotFound)
+	}
+	return in, nil
+}
+
+// PrepareIncoming admits a container a source agent wants to hand over and
+// prepares everything before the source freezes it. It changes nothing when
+// it refuses.
+func (a *Agent) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingRequest) (_ *api.PrepareIncomingResponse, retErr error) {
+	id := req.GetMigrationId()
+	if !migrationIDRE.MatchString(id) {
+		return nil, fmt.Errorf("migration_id %q: must match %s: %w", id, nameRE, ErrInvalidArgument)
+	}
+	if req.GetSourceNode() == a.cfg.NodeName {
+		return nil, fmt.Errorf("source node %q: is this node: %w", req.GetSourceNode(), ErrInvalidArgument)
+	}
+	var spec Spec
+	if err := json.Unmarshal(req.GetSpecJson(), &spec); err != nil {
+		return nil, fmt.Errorf("spec: %v: %w", err, ErrInvalidArgument)
+	}
+	if err := NormalizeSpec(&spec, a.cfg.DefaultRootfs, a.policy); err != nil {
+		return nil, err
+	}
+	if spec.IP != "" && a.net == nil {
+		return nil, fmt.Errorf("container %q: keeps address %s, but networking is off on this node: %w", spec.Name, spec.IP, ErrFailedPrecondition)
+	}
+	log := a.log.With("container", spec.Name, "migration", id, "source", req.GetSourceNode())
+	c := &container{name: spec.Name, dir: filepath.Join(a.crDir, spec.Name), creating: true}
+	a.mu.Lock()
+	if _, ok := a.incoming[id]; ok {
+		a.mu.Unlock()
+		return nil, fmt.Errorf("incoming migration %q: %w", id, ErrAlreadyExists)
+	}
+	if _, ok := a.ctrs[spec.Name]; ok {
+		a.mu.Unlock()
+		return nil, fmt.Errorf("container %q: %w", spec.Name, ErrAlreadyExists)
+	}
+	a.ctrs[spec.Name] = c
+	a.mu.Unlock()
+	defer func() {
+		if retErr != nil {
+			a.mu.Lock()
+			delete(a.ctrs, spec.Name)
+			a.mu.Unlock()
+		}
+	}()
+	if err := a.node.Admit(spec.Name, spec.Resources.Guarantee); err != nil {
+		log.Warn("incoming refused", "err", err)
+		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
+	}
+	defer func() {
+		if retErr != nil {
+			a.node.Release(spec.Name)
+		}
+	}()
+	if err := os.Mkdir(c.dir, 0o700); err != nil {
+		return nil, fmt.Errorf("container %q: state dir: %w", spec.Name, err)
+	}
+	defer func() {
+		if retErr != nil {
+			if err := a.teardown(spec.Name, c.dir); err != nil {
+				retErr = errors.Join(retErr, fmt.Errorf("undo: %w", err))
+			}
+		}
+	}()
+	c.rec = record{Spec: spec, Cgroup: filepath.Join(a.cfg.CgroupParent, spec.Name), CreatedAt: time.Now().UTC(), Incoming: id}
+	if a.net != nil {
+		var pin netip.Addr
+		if spec.IP != "" {
+			pin = netip.MustParseAddr(spec.IP)
+		}
+		// On standby: the source still owns the address on the segment.
+		ep, err := a.net.Setup(ctx, spec.Name, netsetup.SetupOptions{IP: pin, Standby: true})
+		if err != nil {
+			return nil, fmt.Errorf("container %q: network: %w", spec.Name, err)
+		}
+		c.rec.IP, c.rec.MAC, c.rec.Netns = ep.IP.Addr().String(), ep.MAC.String(), ep.NetnsPath
+	}
+	if err := atomicfile.WriteJSON(filepath.Join(c.dir, specFile), c.rec, 0o600); err != nil {
+		return nil, err
+	}
+	for _, d := range []string{"upper", "work", "rootfs"} {
+		if err := os.MkdirAll(filepath.Join(c.dir, d), 0o700); err != nil {
+			return nil, err
+		}
+	}
+	if err := a.guardContainer(ctx, c); err != nil {
+		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
+	}
+	in := &incoming{id: id, c: c, images: filepath.Join(a.cfg.RunDir, "migrations", id, "images")}
+	if err := os.MkdirAll(in.images, 0o700); err != nil {
+		return nil, err
+	}
+	in.timer = time.AfterFunc(incomingTimeout, func() {
+		log.Warn("incoming migration timed out; removing what was prepared")
+		_ = a.AbortIncoming(context.Background(), id, "timed out")
+	})
+	a.mu.Lock()
+	a.incoming[id] = in
+	a.mu.Unlock()
+	log.Info("incoming migration prepared", "ip", c.rec.IP)
+	return &api.PrepareIncomingResponse{NodeName: a.cfg.NodeName, CriuVersion: a.criuVersion}, nil
+}
+
+// partStream reads one part of an ImageChunk stream at a time.
+type partStream struct {
+	recv    func() (*api.ImageChunk, error)
+	pending *api.ImageChunk
+	part    string
+	buf     []byte
+	n       int64
+	done    bool
+}
+
+// next advances to the next part; "" at the end of the stream.
+func (p *partStream) next() (string, error) {
+	for p.pending == nil && !p.done {
+		ch, err := p.recv()
+		if errors.Is(err, io.EOF) {
+			p.done = true
+			break
+		}
+		if err != nil {
+			return "", err
+		}
+		if ch.Part != p.part {
+			p.pending = ch
+		}
+		// Chunks of a part already read past are dropped.
+	}
+	if p.pending == nil {
+		return "", nil
+	}
+	p.part, p.buf = p.pending.Part, p.pending.Data
+	p.n += int64(len(p.pending.Data))
+	p.pending = nil
+	return p.part, nil
+}
+
+func (p *partStream) Read(b []byte) (int, error) {
+	for len(p.buf) == 0 {
+		if p.pending != nil || p.done {
+			return 0, io.EOF
+		}
+		ch, err := p.recv()
+		if errors.Is(err, io.EOF) {
+			p.done = true
+			return 0, io.EOF
+		}
+		if err != nil {
+			return 0, err
+		}
+		if ch.Part != p.part {
+			p.pending = ch
+			return 0, io.EOF
+		}
+		p.buf = ch.Data
+		p.n += int64(len(ch.Data))
+	}
+	n := copy(b, p.buf)
+	p.buf = p.buf[n:]
+	return n, nil
+}
+
+// ReceiveImages stores the parts of an image stream: CRIU images, the upper
+// layer (never outside the container's own directories) and the log.
+func (a *Agent) ReceiveImages(recv func() (*api.ImageChunk, error)) (int64, error) {
+	first, err := recv()
+	if err != nil {
+		return 0, err
+	}
+	in, err := a.getIncoming(first.GetMigrationId())
+	if err != nil {
+		return 0, err
+	}
+	ps := &partStream{recv: recv, pending: first}
+	limits := migrate.Limits{MaxBytes: incomingMaxBytes, MaxFiles: incomingMaxFiles}
+	for {
+		part, err := ps.next()
+		if err != nil {
+			return ps.n, err
+		}
+		switch part {
+		case "":
+			in.received = true
+			return ps.n, nil
+		case "images":
+			_, err = migrate.ExtractTree(ps, in.images, limits)
+		case "upper":
+			_, err = migrate.ExtractTree(ps, filepath.Join(in.c.dir, "upper"), limits)
+		case "log":
+			err = copyLog(ps, filepath.Join(in.c.dir, logFile))
+		default:
+			err = fmt.Errorf("part %q: unknown: %w", part, ErrInvalidArgument)
+		}
+		if err != nil {
+			return ps.n, fmt.Errorf("incoming %s: %s: %w", in.id, part, err)
+		}
+	}
+}
+
+func copyLog(r io.Reader, path string) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = io.Copy(f, io.LimitReader(r, incomingMaxBytes))
+	return errors.Join(err, f.Close())
+}
+
+// RestoreIncoming restores a received container into its prepared network
+// namespace and cgroup, brings its address up here and confirms.
+func (a *Agent) RestoreIncoming(ctx context.Context, id string) (_ *api.RestoreIncomingResponse, retErr error) {
+	in, err := a.getIncoming(id)
+	if err != nil {
+		return nil, err
+	}
+	c := in.c
+	if !in.received {
+		return nil, fmt.Errorf("incoming migration %q: images not received: %w", id, ErrFailedPrecondition)
+	}
+	c.op.Lock()
+	defer c.op.Unlock()
+	defer func() {
+		if retErr != nil {
+			_ = a.abortIncoming(in, retErr.Error())
+		}
+	}()
+	start := time.Now()
+	spec := c.rec.Spec
+	merged, err := mountOverlay(spec.Rootfs, c.dir)
+	if err != nil {
+		return nil, fmt.Errorf("container %q: rootfs: %w", c.name, err)
+	}
+	oci := OCISpec(&spec, merged, c.rec.Cgroup, c.rec.Netns)
+	cfg, err := LibcontainerConfig(oci, a.elastic.EffectiveSpec(spec.Resources))
+	if err != nil {
+		return nil, err
+	}
+	if err := atomicfile.WriteJSON(filepath.Join(c.dir, "config.json"), oci, 0o600); err != nil {
+		return nil, err
+	}
+	if err := atomicfile.WriteJSON(filepath.Join(c.dir, lcConfigFile), cfg, 0o600); err != nil {
+		return nil, err
+	}
+	ii, cmd, err := a.startMonitor(ctx, c.dir, in.images)
+	if err != nil {
+		return nil, fmt.Errorf("container %q: restore: %w", c.name, err)
+	}
+	if a.net != nil {
+		if err := a.net.Activate(ctx, c.name); err != nil {
+			_ = a.kill(c.name, ii)
+			return nil, fmt.Errorf("container %q: network: %w", c.name, err)
+		}
+	}
+	a.mu.Lock()
+	c.init, c.creating, c.exited = ii, false, make(chan struct{})
+	c.rec.Incoming = ""
+	rec := c.rec
+	delete(a.incoming, id)
+	a.mu.Unlock()
+	in.timer.Stop()
+	if err := atomicfile.WriteJSON(filepath.Join(c.dir, specFile), rec, 0o600); err != nil {
+		a.log.Warn("record container", "container", c.name, "err", err)
+	}
+	go func() {
+		_ = cmd.Wait()
+		a.finishExit(c)
+	}()
+	if err := a.elastic.Add(ctx, a.elasticContainer(c)); err != nil {
+		a.log.Error("elastic limits", "container", c.name, "err", err)
+	}
+	_ = os.RemoveAll(filepath.Dir(in.images))
+	restoreMs := time.Since(start).Milliseconds()
+	a.events.Publish(Event{Type: EventContainerMigratedIn, Container: c.name, Message: "restored from a migration",
+		Attrs: map[string]string{"migration": id, "pid": fmt.Sprint(ii.Pid), "restore_ms": fmt.Sprint(restoreMs)}})
+	a.log.Info("incoming migration restored", "container", c.name, "pid", ii.Pid, "restore_ms", restoreMs)
+	return &api.RestoreIncomingResponse{Pid: int64(ii.Pid), RestoreMs: restoreMs}, nil
+}
+
+// AbortIncoming removes everything an incoming migration made here.
+func (a *Agent) AbortIncoming(_ context.Context, id, reason string) error {
+	in, err := a.getIncoming(id)
+	if err != nil {
+		return err
+	}
+	return a.abortIncoming(in, reason)
+}
+
+func (a *Agent) abortIncoming(in *incoming, reason string) error {
+	a.mu.Lock()
+	if _, ok := a.incoming[in.id]; !ok {
+		a.mu.Unlock()
+		return nil
+	}
+	delete(a.incoming, in.id)
+	a.mu.Unlock()
+	in.timer.Stop()
+	a.log.Warn("incoming migration aborted", "container", in.c.name, "migration", in.id, "reason", reason)
+	err := a.teardown(in.c.name, in.c.dir)
+	_ = os.RemoveAll(filepath.Dir(in.images))
+	_ = a.elastic.Remove(in.c.name)
+	a.node.Release(in.c.name)
+	a.mu.Lock()
+	if a.ctrs[in.c.name] == in.c {
+		delete(a.ctrs, in.c.name)
+	}
+	a.mu.Unlock()
+	return err
+}
