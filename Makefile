@@ -17,10 +17,11 @@ help: ## list the targets
 deps: ## install everything the build, demo and tests need (Debian + Go module proxy; idempotent)
 	@bash scripts/deps.sh
 
-build: ## build bin/ferryd and bin/ferryctl
-	@mkdir -p $(BIN)
+build: ## build bin/ferryd and bin/ferryctl (and, for the fault tests only, bin/failpoints/ferryd)
+	@mkdir -p $(BIN)/failpoints
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ferryd ./cmd/ferryd
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ferryctl ./cmd/ferryctl
+	$(GO) build -tags failpoints -ldflags "$(LDFLAGS)" -o $(BIN)/failpoints/ferryd ./cmd/ferryd
 
 generate: deps ## regenerate agent/api from ferry.proto with the pinned protoc plugins
 	protoc -I agent/api --go_out=agent/api --go_opt=paths=source_relative \

@@ -13,6 +13,7 @@ import (
 
 	"github.com/ferry-agent/ferry/agent/api"
 	"github.com/ferry-agent/ferry/internal/atomicfile"
+	"github.com/ferry-agent/ferry/internal/failpoint"
 	"github.com/ferry-agent/ferry/migrate"
 	"github.com/ferry-agent/ferry/netsetup"
 )
@@ -213,11 +214,15 @@ func (a *Agent) ReceiveImages(recv func() (*api.ImageChunk, error)) (int64, erro
 	if err != nil {
 		return 0, err
 	}
+	if err := failpoint.Check("peer-receive"); err != nil {
+		return 0, err
+	}
 	ps := &partStream{recv: recv, pending: first}
 	limits := migrate.Limits{MaxBytes: incomingMaxBytes, MaxFiles: incomingMaxFiles}
 	for {
 		part, err := ps.next()
 		if err != nil {
+			_ = a.abortIncoming(in, err.Error())
 			return ps.n, err
 		}
 		switch part {
@@ -234,6 +239,8 @@ func (a *Agent) ReceiveImages(recv func() (*api.ImageChunk, error)) (int64, erro
 			err = fmt.Errorf("part %q: unknown: %w", part, ErrInvalidArgument)
 		}
 		if err != nil {
+			// A broken stream or a refused entry: nothing of it may stay.
+			_ = a.abortIncoming(in, err.Error())
 			return ps.n, fmt.Errorf("incoming %s: %s: %w", in.id, part, err)
 		}
 	}
@@ -282,6 +289,9 @@ func (a *Agent) RestoreIncoming(ctx context.Context, id string) (_ *api.RestoreI
 	}
 	if err := atomicfile.WriteJSON(filepath.Join(c.dir, lcConfigFile), cfg, 0o600); err != nil {
 		return nil, err
+	}
+	if err := failpoint.Check("peer-restore"); err != nil {
+		return nil, fmt.Errorf("container %q: restore: %w", c.name, err)
 	}
 	ii, cmd, err := a.startMonitor(ctx, c.dir, in.images)
 	if err != nil {

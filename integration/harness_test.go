@@ -32,10 +32,14 @@ func TestMain(m *testing.M) {
 				return 1
 			}
 			defer func() { _ = os.RemoveAll(d) }()
-			for _, c := range []string{"ferryd", "ferryctl"} {
-				out, err := exec.Command("go", "build", "-o", filepath.Join(d, c), "../cmd/"+c).CombinedOutput()
+			for _, b := range [][]string{
+				{"-o", filepath.Join(d, "ferryd"), "../cmd/ferryd"},
+				{"-o", filepath.Join(d, "ferryctl"), "../cmd/ferryctl"},
+				{"-tags", "failpoints", "-o", filepath.Join(d, "failpoints", "ferryd"), "../cmd/ferryd"},
+			} {
+				out, err := exec.Command("go", append([]string{"build"}, b...)...).CombinedOutput()
 				if err != nil {
-					fmt.Fprintf(os.Stderr, "build %s: %v\n%s", c, err, out)
+					fmt.Fprintf(os.Stderr, "go build %v: %v\n%s", b, err, out)
 					return 1
 				}
 			}
@@ -65,7 +69,10 @@ type daemon struct {
 	netns    string // the daemon's network namespace (under /run/netns); "" for the host's
 	extra    []string
 	env      []string // added to ferryd's environment
-	cmd      *exec.Cmd
+	// failpoints, when set, runs the ferryd built with failpoints and turns
+	// these on (FERRY_FAILPOINTS).
+	failpoints string
+	cmd        *exec.Cmd
 }
 
 // requireHost checks what every integration test needs.
@@ -150,13 +157,18 @@ func (d *daemon) start() {
 	}
 	defer func() { _ = lf.Close() }()
 	bin := filepath.Join(binDir, "ferryd")
+	env := d.env
+	if d.failpoints != "" {
+		bin = filepath.Join(binDir, "failpoints", "ferryd")
+		env = append(env, "FERRY_FAILPOINTS="+d.failpoints)
+	}
 	cmd := exec.Command(bin, args...)
 	if d.netns != "" {
 		// nsenter, not "ip netns exec": the latter remounts /sys and hides the cgroups.
 		cmd = exec.Command("nsenter", append([]string{"--net=/run/netns/" + d.netns, bin}, args...)...)
 	}
 	cmd.Stdout, cmd.Stderr = lf, lf
-	cmd.Env = append(os.Environ(), d.env...)
+	cmd.Env = append(os.Environ(), env...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		d.t.Fatal(err)

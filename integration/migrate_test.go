@@ -46,8 +46,10 @@ func newMigrationPair(t *testing.T) *migrationPair {
 	p := &migrationPair{addrA: "10.78.0.1:7443", addrB: "10.78.0.64:7443"}
 	p.a = newDaemon(t, "host-a", "--subnet", subnet, "--ip-range", "10.78.0.0/26", "--listen", p.addrA, "--tls-dir", dirA,
 		"--pressure-source", "parent")
+	// B is a small node in ferry's accounting (124 MiB allocatable), so a
+	// test can make it refuse a guarantee A admitted.
 	p.b = newDaemon(t, "host-b", "--subnet", subnet, "--ip-range", "10.78.0.64/26", "--listen", p.addrB, "--tls-dir", dirB,
-		"--pressure-source", "parent")
+		"--pressure-source", "parent", "--capacity-memory", "1G", "--reserve-memory", "900M", "--reserve-cpu", "0.1")
 	p.a.start()
 	p.b.start()
 	wire(t, p.a.netns, p.b.netns, "ferry0")
@@ -220,5 +222,178 @@ func TestMigrateStopAndCopy(t *testing.T) {
 	t.Logf("frozen %d ms, %d bytes sent", ms[0].FrozenMs, ms[0].Bytes)
 	p.a.assertNoTrace(t, "srv")
 	p.b.mustCtl("rm", "-f", "srv")
+	p.b.assertNoTrace(t, "srv")
+}
+
+// assertIntactOnA checks a failed migration left the container running on
+// A where it was: same init, still counting, its address answering.
+func assertIntactOnA(t *testing.T, p *migrationPair, name string, before container) {
+	t.Helper()
+	c := p.a.inspect(name)
+	if c.State != "running" || c.Pid != before.Pid || c.IP != before.IP {
+		t.Fatalf("after the failed migration A has %s pid %d ip %s, want running pid %d ip %s", c.State, c.Pid, c.IP, before.Pid, before.IP)
+	}
+	n := lastCount(t, p.a, name)
+	if c := waitCountAbove(t, p.a, name, n+3, 10*time.Second); c <= n {
+		t.Fatalf("the container does not count on A after the failed migration")
+	}
+	if out, err := inNetns(p.client, busybox, "ping", "-c", "1", "-W", "2", before.IP); err != nil {
+		t.Fatalf("its address does not answer after the rollback: %v %s", err, out)
+	}
+}
+
+func migrateFails(t *testing.T, p *migrationPair, name string, wantInErr ...string) string {
+	t.Helper()
+	out, errOut, code := p.a.ctl("migrate", name, "--to", p.addrB)
+	if code == 0 {
+		t.Fatalf("migrate succeeded, want a failure:\n%s", out)
+	}
+	for _, w := range wantInErr {
+		if !strings.Contains(errOut+out, w) {
+			t.Errorf("migrate output lacks %q:\n%s%s", w, out, errOut)
+		}
+	}
+	return errOut
+}
+
+// TestMigrateFailuresRollBack: the peer refuses (admission), the restore
+// fails on the peer (failpoint), the peer is killed -9 mid-transfer: each
+// time the container runs on A where it was, and nothing is left on B.
+func TestMigrateFailuresRollBack(t *testing.T) {
+	p := newMigrationPair(t)
+	p.a.mustCtl("run", "srv", "--mem-guarantee", "32M", "--", "sh", "-c", counter)
+	before := p.a.inspect("srv")
+	waitCountAbove(t, p.a, "srv", 2, 10*time.Second)
+
+	t.Run("peer refuses", func(t *testing.T) {
+		p.a.mustCtl("run", "big", "--mem-guarantee", "200M", "--", "sleep", "1000")
+		defer p.a.mustCtl("rm", "-f", "big")
+		bigBefore := p.a.inspect("big")
+		errOut := migrateFails(t, p, "big", "memory: asked 200Mi")
+		if grpcCode(errOut) != "ResourceExhausted" {
+			t.Errorf("code %q, want ResourceExhausted: %s", grpcCode(errOut), errOut)
+		}
+		if c := p.a.inspect("big"); c.State != "running" || c.Pid != bigBefore.Pid {
+			t.Errorf("big after the refusal: %s pid %d", c.State, c.Pid)
+		}
+		p.b.assertNoTrace(t, "big")
+	})
+	t.Run("restore fails on the peer", func(t *testing.T) {
+		p.b.kill9()
+		p.b.failpoints = "peer-restore"
+		p.b.start()
+		migrateFails(t, p, "srv", "injected failure", "rolled_back")
+		assertIntactOnA(t, p, "srv", before)
+		p.b.assertNoTrace(t, "srv")
+	})
+	t.Run("peer killed mid-transfer", func(t *testing.T) {
+		p.b.kill9()
+		p.b.failpoints = "peer-receive=sleep"
+		p.b.start()
+		done := make(chan string, 1)
+		go func() {
+			out, errOut, _ := p.a.ctl("migrate", "srv", "--to", p.addrB)
+			done <- out + errOut
+		}()
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			var ms []struct {
+				Phase string `json:"phase"`
+				State string `json:"state"`
+			}
+			_ = json.Unmarshal([]byte(p.a.mustCtl("migrations", "-o", "json")), &ms)
+			if n := len(ms); n > 0 && ms[n-1].Phase == "transfer" && ms[n-1].State == "running" {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the migration never reached the transfer phase: %+v", ms)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		p.b.kill9()
+		var out string
+		select {
+		case out = <-done:
+		case <-time.After(60 * time.Second):
+			t.Fatal("migrate did not return within 60s of the peer's death")
+		}
+		if !strings.Contains(out, "rolled_back") {
+			t.Errorf("migrate output:\n%s", out)
+		}
+		assertIntactOnA(t, p, "srv", before)
+		p.b.failpoints = ""
+		p.b.start() // its start removes the half-received container
+		p.b.assertNoTrace(t, "srv")
+		if out := p.b.mustCtl("ps", "-o", "json"); strings.TrimSpace(out) != "[]" {
+			t.Errorf("B lists containers after the restart: %s", out)
+		}
+	})
+	// Finally it moves for real.
+	p.b.kill9()
+	p.b.failpoints = ""
+	p.b.start()
+	p.a.mustCtl("migrate", "srv", "--to", p.addrB)
+	if c := p.b.inspect("srv"); c.State != "running" || c.IP != before.IP {
+		t.Fatalf("after the last migration B has %s %s", c.State, c.IP)
+	}
+	p.a.assertNoTrace(t, "srv")
+}
+
+// TestMigrateBadInput: unknown container, unreachable peer, a peer without
+// a valid certificate, the source itself as the peer, invalid options; each
+// refused with the right code, the container left running.
+func TestMigrateBadInput(t *testing.T) {
+	p := newMigrationPair(t)
+	p.a.mustCtl("run", "srv", "--", "sleep", "1000")
+	before := p.a.inspect("srv")
+	cases := []struct {
+		name string
+		args []string
+		code string
+		want string
+	}{
+		{"unknown container", []string{"migrate", "ghost", "--to", p.addrB}, "NotFound", `"ghost"`},
+		{"unreachable peer", []string{"migrate", "srv", "--to", "10.78.0.99:7443"}, "Unavailable", "10.78.0.99:7443"},
+		{"source as peer", []string{"migrate", "srv", "--to", p.addrA}, "InvalidArgument", "is this node"},
+		{"bad peer address", []string{"migrate", "srv", "--to", "nohostport"}, "InvalidArgument", `"nohostport"`},
+		{"bad mode", []string{"migrate", "srv", "--to", p.addrB, "--mode", "teleport"}, "InvalidArgument", `"teleport"`},
+		{"precopy without soft-dirty", []string{"migrate", "srv", "--to", p.addrB, "--mode", "precopy"}, "FailedPrecondition", "soft-dirty"},
+		{"negative downtime", []string{"migrate", "srv", "--to", p.addrB, "--max-downtime", "-1s"}, "", "--max-downtime"},
+		{"bad migration id", []string{"migrate", "srv", "--to", p.addrB, "--id", "Bad/Id"}, "InvalidArgument", `"Bad/Id"`},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, errOut, code := p.a.ctl(tc.args...)
+			if code == 0 {
+				t.Fatalf("ferryctl %v succeeded", tc.args)
+			}
+			if tc.code != "" && grpcCode(errOut) != tc.code {
+				t.Errorf("code %q, want %s: %s", grpcCode(errOut), tc.code, errOut)
+			}
+			if !strings.Contains(errOut, tc.want) {
+				t.Errorf("error %q does not contain %q", errOut, tc.want)
+			}
+		})
+	}
+	// A peer whose certificate is from another CA is refused at the handshake.
+	otherDir := t.TempDir()
+	other, _, err := pki.LoadOrCreateCA(otherDir, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	strangerDir, err := other.IssueNode(otherDir, "stranger", []string{"10.78.0.64"}, 0, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.b.kill9()
+	p.b.extra = append(p.b.extra, "--tls-dir", strangerDir) // the last --tls-dir wins
+	p.b.start()
+	_, errOut, code := p.a.ctl("migrate", "srv", "--to", p.addrB)
+	if code == 0 || !strings.Contains(errOut, "certificate") {
+		t.Errorf("migrate to a peer with a foreign certificate: exit %d %q", code, errOut)
+	}
+	if c := p.a.inspect("srv"); c.State != "running" || c.Pid != before.Pid {
+		t.Fatalf("srv after the refused migrations: %s pid %d", c.State, c.Pid)
+	}
 	p.b.assertNoTrace(t, "srv")
 }

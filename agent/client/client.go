@@ -12,11 +12,14 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
 
 	"github.com/ferry-agent/ferry/agent/api"
@@ -65,7 +68,10 @@ func (c *Client) Explain(err error) error {
 	if err == nil {
 		return nil
 	}
-	if st, ok := status.FromError(err); ok && st.Code() == codes.Unavailable {
+	// Only the client's own failure to reach ferryd is explained here; an
+	// Unavailable that ferryd returns (a peer it could not reach) is its
+	// answer and passes through.
+	if st, ok := status.FromError(err); ok && st.Code() == codes.Unavailable && strings.Contains(st.Message(), "dial unix "+c.target) {
 		return fmt.Errorf("%w at %s (is it running?): %s", ErrNotRunning, c.target, st.Message())
 	}
 	return err
@@ -147,7 +153,10 @@ func DialTLS(addr, tlsDir string) (*Client, error) {
 		return nil, fmt.Errorf("address %q: want HOST:PORT: %w", addr, err)
 	}
 	creds := credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, ServerName: host, MinVersion: tls.VersionTLS13})
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
+	// Keepalive pings find a dead peer or a cut wire within seconds, so a
+	// migration that loses its peer rolls back instead of hanging.
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 5 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true}))
 	if err != nil {
 		return nil, fmt.Errorf("address %q: %w", addr, err)
 	}
