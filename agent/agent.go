@@ -144,8 +144,9 @@ type Agent struct {
 
 	net *netsetup.Manager // nil: networking off
 
-	migrations map[string]*api.Migration // as the source; guarded by mu
-	incoming   map[string]*incoming      // as the destination; guarded by mu
+	migrations  map[string]*api.Migration // as the source; guarded by mu
+	interrupted []*api.Migration          // running when ferryd last died; settled at Load
+	incoming    map[string]*incoming      // as the destination; guarded by mu
 
 	node     *cgroup.Node
 	elastic  *cgroup.Controller
@@ -447,6 +448,7 @@ func (a *Agent) Load(ctx context.Context) error {
 	if err := a.startElastic(ctx); err != nil {
 		return err
 	}
+	a.recoverMigrations()
 	// libcontainer state with no ferry container is a leftover of a crash.
 	lcs, _ := os.ReadDir(a.lcRoot)
 	for _, e := range lcs {

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/opencontainers/runc/libcontainer"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
@@ -22,6 +24,7 @@ import (
 	"github.com/ferry-agent/ferry/agent/client"
 	"github.com/ferry-agent/ferry/cgroup"
 	"github.com/ferry-agent/ferry/internal/atomicfile"
+	"github.com/ferry-agent/ferry/internal/failpoint"
 	"github.com/ferry-agent/ferry/migrate"
 )
 
@@ -65,8 +68,7 @@ func (a *Agent) loadMigrations() {
 		m := &api.Migration{}
 		if protojson.Unmarshal(b, m) == nil && m.Id != "" {
 			if m.State == MigrationRunning {
-				// ferryd died during it; what happened to the container is
-				// settled by reattach (it runs here, or it was removed).
+				a.interrupted = append(a.interrupted, proto.Clone(m).(*api.Migration))
 				m.State, m.Error = MigrationFailed, "interrupted: ferryd restarted during the migration"
 			}
 			a.migrations[m.Id] = m
@@ -318,6 +320,9 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 	}
 	confirmed = true
 	m.RestoreMs = rr.RestoreMs
+	if err := failpoint.Check("source-after-confirm"); err != nil {
+		log.Warn("failpoint", "err", err)
+	}
 	m.FrozenMs = time.Since(frozeAt).Milliseconds()
 
 	report("cleanup")
@@ -438,4 +443,90 @@ func (w *chunkWriter) emit(b []byte) error {
 	}
 	w.n += int64(len(b))
 	return w.send(ch)
+}
+
+// recoverMigrations settles migrations ferryd was running when it died, so
+// that exactly one copy of each container runs: a container left frozen
+// here is finished off if the peer runs it, and thawed if the peer does not
+// (the peer's half-made copy is aborted). With the peer unreachable it stays
+// frozen and ferryd retries.
+func (a *Agent) recoverMigrations() {
+	for _, m := range a.interrupted {
+		c, err := a.get(m.Container)
+		if err != nil {
+			continue // gone here: removed after the peer's confirmation
+		}
+		lc, err := libcontainer.Load(a.lcRoot, c.name)
+		if err != nil {
+			continue
+		}
+		if st, err := lc.Status(); err != nil || st != libcontainer.Paused {
+			continue // never frozen, or already thawed: it runs here
+		}
+		a.mu.Lock()
+		c.reason = fmt.Sprintf("frozen by migration %s to %s, interrupted by a ferryd restart; settling with the peer", m.Id, m.Peer)
+		a.mu.Unlock()
+		m := m
+		a.watchers.Add(1)
+		go func() {
+			defer a.watchers.Done()
+			for try := 0; ; try++ {
+				done, err := a.settleInterrupted(m, c, lc)
+				if done {
+					return
+				}
+				a.log.Warn("interrupted migration not settled yet", "migration", m.Id, "container", c.name, "err", err)
+				select {
+				case <-a.done:
+					return
+				case <-time.After(10 * time.Second):
+				}
+			}
+		}()
+	}
+	a.interrupted = nil
+}
+
+func (a *Agent) settleInterrupted(m *api.Migration, c *container, lc *libcontainer.Container) (bool, error) {
+	log := a.log.With("migration", m.Id, "container", c.name, "peer", m.Peer)
+	peer, err := client.DialTLS(m.Peer, a.cfg.TLSDir)
+	if err != nil {
+		return false, err
+	}
+	defer func() { _ = peer.Close() }()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	pc, err := peer.GetContainer(ctx, &api.GetContainerRequest{Name: c.name})
+	switch {
+	case err == nil && pc.State == StateRunning:
+		log.Warn("the peer runs the container: removing the frozen copy here")
+		if err := a.finishMigratedAway(c, m.PeerNode); err != nil {
+			return false, err
+		}
+		m.State, m.Phase, m.Error = MigrationSucceeded, "done", "completed after a ferryd restart"
+	case err == nil || status.Code(err) == codes.NotFound:
+		if err == nil {
+			if _, aerr := peer.AbortIncoming(ctx, &api.AbortIncomingRequest{MigrationId: m.Id, Reason: "source restarted before the confirmation"}); aerr != nil && status.Code(aerr) != codes.NotFound {
+				return false, aerr
+			}
+		}
+		log.Warn("the peer does not run the container: thawing it here")
+		if a.net != nil {
+			if err := a.net.Activate(ctx, c.name); err != nil {
+				return false, err
+			}
+		}
+		if err := lc.Resume(); err != nil {
+			return false, err
+		}
+		a.mu.Lock()
+		c.reason = ""
+		a.mu.Unlock()
+		m.State, m.Phase, m.Error = MigrationRolledBack, "rollback", "rolled back after a ferryd restart"
+	default:
+		return false, err
+	}
+	m.FinishedAt = ts(time.Now())
+	a.saveMigration(m)
+	return true, nil
 }

@@ -397,3 +397,90 @@ func TestMigrateBadInput(t *testing.T) {
 	}
 	p.b.assertNoTrace(t, "srv")
 }
+
+// TestMigrateSourceKilled: ferryd on the source killed -9 mid-transfer
+// (container frozen, peer holding a half-received copy) and after the
+// peer's confirmation (container frozen here, running there): each time
+// the restarted source settles it so exactly one copy runs.
+func TestMigrateSourceKilled(t *testing.T) {
+	p := newMigrationPair(t)
+	p.a.mustCtl("run", "srv", "--", "sh", "-c", counter)
+	before := p.a.inspect("srv")
+	waitCountAbove(t, p.a, "srv", 2, 10*time.Second)
+
+	waitPhase := func(phase string) {
+		deadline := time.Now().Add(20 * time.Second)
+		for time.Now().Before(deadline) {
+			var ms []struct {
+				Phase string `json:"phase"`
+				State string `json:"state"`
+			}
+			if out, _, code := p.a.ctl("migrations", "-o", "json"); code == 0 {
+				_ = json.Unmarshal([]byte(out), &ms)
+			}
+			if n := len(ms); n > 0 && ms[n-1].Phase == phase && ms[n-1].State == "running" {
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		t.Fatalf("the migration never reached phase %s", phase)
+	}
+
+	t.Run("mid-transfer", func(t *testing.T) {
+		p.b.kill9()
+		p.b.failpoints = "peer-receive=sleep"
+		p.b.start()
+		go func() { _, _, _ = p.a.ctl("migrate", "srv", "--to", p.addrB) }()
+		waitPhase("transfer")
+		p.a.kill9()
+		p.b.kill9() // end its sleeping receive; it restarts clean below
+		p.b.failpoints = ""
+		p.b.start()
+		p.a.start()
+		deadline := time.Now().Add(30 * time.Second)
+		for time.Now().Before(deadline) && p.a.inspect("srv").StatusReason != "" {
+			time.Sleep(100 * time.Millisecond)
+		}
+		assertIntactOnA(t, p, "srv", before)
+		p.b.assertNoTrace(t, "srv")
+	})
+	t.Run("after the confirmation", func(t *testing.T) {
+		p.a.kill9()
+		p.a.failpoints = "source-after-confirm=sleep"
+		p.a.start()
+		go func() { _, _, _ = p.a.ctl("migrate", "srv", "--to", p.addrB) }()
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			if _, _, code := p.b.ctl("inspect", "srv"); code == 0 && p.b.inspect("srv").State == "running" {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("srv never ran on B")
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		time.Sleep(200 * time.Millisecond) // A is now asleep in the failpoint, after the confirmation
+		p.a.kill9()
+		p.a.failpoints = ""
+		p.a.start()
+		deadline = time.Now().Add(30 * time.Second)
+		for {
+			if _, errOut, _ := p.a.ctl("inspect", "srv"); grpcCode(errOut) == "NotFound" {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("A still has srv 30s after its restart: %+v", p.a.inspect("srv"))
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		if pidAlive(before.Pid) {
+			t.Error("A's frozen copy is still alive")
+		}
+		if c := p.b.inspect("srv"); c.State != "running" || c.IP != before.IP {
+			t.Fatalf("B: %s %s", c.State, c.IP)
+		}
+		n := lastCount(t, p.b, "srv")
+		waitCountAbove(t, p.b, "srv", n+3, 10*time.Second)
+		p.a.assertNoTrace(t, "srv")
+	})
+}
