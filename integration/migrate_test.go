@@ -443,6 +443,9 @@ func TestMigrateSourceKilled(t *testing.T) {
 		}
 		assertIntactOnA(t, p, "srv", before)
 		p.b.assertNoTrace(t, "srv")
+		if m := lastMigration(t, p.a); m.State != "rolled_back" || !strings.Contains(m.Error, "after a ferryd restart") {
+			t.Errorf("A's record of the interrupted migration: %+v", m)
+		}
 	})
 	t.Run("after the confirmation", func(t *testing.T) {
 		p.a.kill9()
@@ -482,5 +485,24 @@ func TestMigrateSourceKilled(t *testing.T) {
 		n := lastCount(t, p.b, "srv")
 		waitCountAbove(t, p.b, "srv", n+3, 10*time.Second)
 		p.a.assertNoTrace(t, "srv")
+		if m := lastMigration(t, p.a); m.State != "succeeded" || !strings.Contains(m.Error, "after a ferryd restart") {
+			t.Errorf("A's record of the interrupted migration: %+v", m)
+		}
 	})
+}
+
+type migrationRecord struct {
+	ID    string `json:"id"`
+	Phase string `json:"phase"`
+	State string `json:"state"`
+	Error string `json:"error"`
+}
+
+func lastMigration(t *testing.T, d *daemon) migrationRecord {
+	t.Helper()
+	var ms []migrationRecord
+	if err := json.Unmarshal([]byte(d.mustCtl("migrations", "-o", "json")), &ms); err != nil || len(ms) == 0 {
+		t.Fatalf("migrations: %v %v", ms, err)
+	}
+	return ms[len(ms)-1]
 }
