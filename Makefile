@@ -33,7 +33,7 @@ test-unit: ## unit tests (race detector on)
 	$(GO) test -race -count=1 $(TESTFLAGS) $$($(GO) list ./... | grep -v /integration)
 
 test-integration: build ## integration tests with real containers (root)
-	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -p 1 -timeout 20m -v $(TESTFLAGS) ./integration/... 2>&1 | tee /tmp/ferry-integration.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; test $${PIPESTATUS[0]} -eq 0
+	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -p 1 -timeout 20m -v $(TESTFLAGS) ./integration/ 2>&1 | tee /tmp/ferry-integration.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; test $${PIPESTATUS[0]} -eq 0
 
 demo: deps build ## the main job on built-in defaults: run, inspect, restart ferryd, clean up
 	@bash scripts/demo.sh $(CURDIR)/$(BIN)
