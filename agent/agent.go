@@ -660,7 +660,7 @@ func (a *Agent) Run(ctx context.Context, spec Spec) (_ *container, retErr error)
 		if spec.IP != "" {
 			pin = netip.MustParseAddr(spec.IP) // validated by NormalizeSpec
 		}
-		ep, err := a.net.Setup(ctx, spec.Name, netsetup.SetupOptions{IP: pin})
+		ep, err := a.net.Setup(ctx, spec.Name, netsetup.SetupOptions{IP: pin, Ports: spec.Ports})
 		if err != nil {
 			return nil, fmt.Errorf("container %q: network: %w", spec.Name, err)
 		}
@@ -669,8 +669,8 @@ func (a *Agent) Run(ctx context.Context, spec Spec) (_ *container, retErr error)
 		if err := atomicfile.WriteJSON(filepath.Join(c.dir, specFile), c.rec, 0o600); err != nil {
 			return nil, fmt.Errorf("container %q: %w", spec.Name, err)
 		}
-	} else if spec.IP != "" {
-		return nil, fmt.Errorf("container %q: ip %q: networking is off on this node (no --bridge): %w", spec.Name, spec.IP, ErrFailedPrecondition)
+	} else if spec.IP != "" || len(spec.Ports) > 0 {
+		return nil, fmt.Errorf("container %q: ip %q, publish %v: networking is off on this node (no --bridge): %w", spec.Name, spec.IP, spec.Publish, ErrFailedPrecondition)
 	}
 	oci := OCISpec(&spec, merged, c.rec.Cgroup, netnsPath)
 	cfg, err := LibcontainerConfig(oci, a.elastic.EffectiveSpec(spec.Resources))

@@ -111,7 +111,7 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingReq
 			pin = netip.MustParseAddr(spec.IP)
 		}
 		// On standby: the source still owns the address on the segment.
-		ep, err := a.net.Setup(ctx, spec.Name, netsetup.SetupOptions{IP: pin, Standby: true})
+		ep, err := a.net.Setup(ctx, spec.Name, netsetup.SetupOptions{IP: pin, Standby: true, Ports: spec.Ports})
 		if err != nil {
 			return nil, fmt.Errorf("container %q: network: %w", spec.Name, err)
 		}

@@ -66,7 +66,7 @@ func resources(r *api.Resources) cgroup.Amount {
 func (s *Server) RunContainer(ctx context.Context, req *api.RunContainerRequest) (*api.Container, error) {
 	spec := Spec{
 		Name: req.GetName(), Rootfs: req.GetRootfs(), Bundle: req.GetBundle(), Args: req.GetArgs(),
-		Env: req.GetEnv(), Hostname: req.GetHostname(), Sysctls: req.GetSysctls(), IP: req.GetIp(), CapAdd: req.GetCapAdd(),
+		Env: req.GetEnv(), Hostname: req.GetHostname(), Sysctls: req.GetSysctls(), IP: req.GetIp(), CapAdd: req.GetCapAdd(), Publish: req.GetPublish(),
 		Resources: cgroup.Spec{Guarantee: resources(req.GetGuarantee()), Ceiling: resources(req.GetCeiling()), PidsMax: req.GetPidsMax()},
 	}
 	c, err := s.a.Run(ctx, spec)
@@ -176,7 +176,7 @@ func (a *Agent) toAPI(c *container) *api.Container {
 		PidsMax:   r.PidsMax, CreatedAt: ts(c.rec.CreatedAt), Rootfs: c.rec.Spec.Rootfs,
 		Args: c.rec.Spec.Args, Hostname: c.rec.Spec.Hostname, Sysctls: c.rec.Spec.Sysctls,
 		Ip: c.rec.IP, Mac: c.rec.MAC, StatusReason: c.reason, SysctlDenied: denied, CapAdd: c.rec.Spec.CapAdd,
-		EffectiveCeiling: &api.Resources{CpuCores: eff.CPU, MemoryBytes: eff.Memory},
+		EffectiveCeiling: &api.Resources{CpuCores: eff.CPU, MemoryBytes: eff.Memory}, Publish: c.rec.Spec.Publish,
 	}
 	if c.init != nil {
 		out.StartedAt = ts(c.init.StartedAt)

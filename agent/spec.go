@@ -10,6 +10,7 @@ import (
 	"regexp"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 
 	"github.com/opencontainers/runc/libcontainer/configs"
@@ -17,6 +18,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/ferry-agent/ferry/cgroup"
+	"github.com/ferry-agent/ferry/netsetup"
 	"github.com/ferry-agent/ferry/sysctlguard"
 )
 
@@ -39,6 +41,8 @@ type Spec struct {
 	Sysctls   map[string]string `json:"sysctls,omitempty"`
 	IP        string            `json:"ip,omitempty"`
 	CapAdd    []string          `json:"cap_add,omitempty"`
+	Publish   []string          `json:"publish,omitempty"`
+	Ports     []netsetup.Port   `json:"ports,omitempty"`
 	Resources cgroup.Spec       `json:"resources"`
 }
 
@@ -185,6 +189,14 @@ func NormalizeSpec(s *Spec, defaultRootfs string, policy *sysctlguard.Policy) er
 	if len(s.Hostname) > 253 || !hostnameRE.MatchString(strings.ReplaceAll(s.Hostname, "_", "-")) {
 		return fmt.Errorf("hostname %q: not a valid host name: %w", s.Hostname, ErrInvalidArgument)
 	}
+	s.Ports = nil
+	for _, pub := range s.Publish {
+		port, err := ParsePublish(pub)
+		if err != nil {
+			return err
+		}
+		s.Ports = append(s.Ports, port)
+	}
 	for i, c := range s.CapAdd {
 		c = strings.ToUpper(c)
 		if !strings.HasPrefix(c, "CAP_") {
@@ -221,6 +233,40 @@ func NormalizeSpec(s *Spec, defaultRootfs string, policy *sysctlguard.Policy) er
 		}
 	}
 	return s.Resources.Normalize()
+}
+
+// ParsePublish parses [HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp|/udp].
+func ParsePublish(s string) (netsetup.Port, error) {
+	bad := func(why string) (netsetup.Port, error) {
+		return netsetup.Port{}, fmt.Errorf("publish %q: %s (want [HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]): %w", s, why, ErrInvalidArgument)
+	}
+	p := netsetup.Port{Proto: "tcp"}
+	rest := s
+	if i := strings.LastIndexByte(rest, '/'); i >= 0 {
+		p.Proto, rest = rest[i+1:], rest[:i]
+		if p.Proto != "tcp" && p.Proto != "udp" {
+			return bad("protocol must be tcp or udp")
+		}
+	}
+	parts := strings.Split(rest, ":")
+	if len(parts) == 3 {
+		ip, err := netip.ParseAddr(parts[0])
+		if err != nil || !ip.Is4() {
+			return bad("host IP must be an IPv4 address")
+		}
+		p.HostIP, parts = ip, parts[1:]
+	}
+	if len(parts) != 2 {
+		return bad("malformed")
+	}
+	for i, dst := range []*uint16{&p.HostPort, &p.ContainerPort} {
+		n, err := strconv.ParseUint(parts[i], 10, 16)
+		if err != nil || n == 0 {
+			return bad("ports must be 1..65535")
+		}
+		*dst = uint16(n)
+	}
+	return p, nil
 }
 
 // perDeviceSysctl matches net keys named after a device, which exist only

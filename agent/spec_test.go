@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -146,6 +147,29 @@ func TestToStatus(t *testing.T) {
 	for err, want := range cases {
 		if got := status.Code(toStatus(err)); got != want {
 			t.Errorf("toStatus(%v) = %v, want %v", err, got, want)
+		}
+	}
+}
+
+func TestParsePublish(t *testing.T) {
+	good := map[string]string{"8080:80": "tcp 0:8080->80", "127.0.0.1:53:5353/udp": "udp 127.0.0.1:53->5353", "1:65535/tcp": "tcp 0:1->65535"}
+	for in, want := range good {
+		p, err := ParsePublish(in)
+		if err != nil {
+			t.Errorf("ParsePublish(%q): %v", in, err)
+			continue
+		}
+		host := "0"
+		if p.HostIP.IsValid() {
+			host = p.HostIP.String()
+		}
+		if got := p.Proto + " " + host + ":" + strconv.Itoa(int(p.HostPort)) + "->" + strconv.Itoa(int(p.ContainerPort)); got != want {
+			t.Errorf("ParsePublish(%q) = %s, want %s", in, got, want)
+		}
+	}
+	for _, in := range []string{"", "80", "0:80", "80:0", "70000:80", "a:b", "80:80/sctp", "::1:80:80", "1.2.3:80:80", "1:2:3:4"} {
+		if _, err := ParsePublish(in); !errors.Is(err, ErrInvalidArgument) || !strings.Contains(err.Error(), strconv.Quote(in)) {
+			t.Errorf("ParsePublish(%q) = %v, want InvalidArgument naming it", in, err)
 		}
 	}
 }

@@ -177,3 +177,48 @@ func TestBridgeNameInUse(t *testing.T) {
 		t.Fatalf("ferryd with a dummy link as bridge: err %v, output %q", err, out)
 	}
 }
+
+// TestPublishedPort: a published port reaches the container from another
+// namespace on the segment, and its rules go with the container.
+func TestPublishedPort(t *testing.T) {
+	requireHost(t)
+	d := newDaemon(t, "a", "--subnet", "10.79.0.0/24")
+	d.start()
+	// Forwarding in the test host's own namespace (never the machine's).
+	mustNetns(t, d.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	d.mustCtl("run", "web", "--publish", "8080:9000", "--", "sh", "-c", "while true; do echo hello-from-web | nc -l -p 9000; done")
+	c := fmt.Sprintf("ferry-it-p-%d-%d", os.Getpid(), cgroupSeq.Add(1))
+	mustIP(t, "netns", "add", c)
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", c).Run() })
+	cv, hv := fmt.Sprintf("fpc%d", cgroupSeq.Add(1)), fmt.Sprintf("fph%d", cgroupSeq.Add(1))
+	mustIP(t, "link", "add", cv, "type", "veth", "peer", "name", hv)
+	mustIP(t, "link", "set", cv, "netns", c)
+	mustIP(t, "link", "set", hv, "netns", d.netns)
+	mustNetns(t, d.netns, "ip", "link", "set", hv, "master", "ferry0", "up")
+	mustNetns(t, c, "ip", "addr", "add", "10.79.0.200/24", "dev", cv)
+	mustNetns(t, c, "ip", "link", "set", cv, "up")
+	waitUp(t, c, cv)
+	var out string
+	var err error
+	for i := 0; i < 20; i++ {
+		out, err = inNetns(c, "timeout", "3", busybox, "nc", "10.79.0.1", "8080")
+		if strings.Contains(out, "hello-from-web") {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if !strings.Contains(out, "hello-from-web") {
+		t.Fatalf("published port 8080 of the gateway did not reach the container: %v %q", err, out)
+	}
+	if rules, _ := inNetns(d.netns, "iptables-save"); !strings.Contains(rules, "FERRY-PORTS") || !strings.Contains(rules, "9000") {
+		t.Errorf("no DNAT rule for the published port:\n%s", rules)
+	}
+	d.mustCtl("rm", "-f", "web")
+	if rules, _ := inNetns(d.netns, "iptables-save"); strings.Contains(rules, "--dport 8080") {
+		t.Errorf("the published port's rule outlived the container:\n%s", rules)
+	}
+	d.assertNoTrace(t, "web")
+	if _, errOut, code := d.ctl("run", "bad", "--publish", "99999:80"); code == 0 || grpcCode(errOut) != "InvalidArgument" || !strings.Contains(errOut, `"99999:80"`) {
+		t.Errorf("bad --publish: exit %d %q", code, errOut)
+	}
+}

@@ -217,7 +217,9 @@ type RunContainerRequest struct {
 	Ip        string            `protobuf:"bytes,10,opt,name=ip,proto3" json:"ip,omitempty"`
 	Args      []string          `protobuf:"bytes,11,rep,name=args,proto3" json:"args,omitempty"`
 	// Capabilities added to ferry's default set, e.g. CAP_NET_ADMIN.
-	CapAdd        []string `protobuf:"bytes,12,rep,name=cap_add,json=capAdd,proto3" json:"cap_add,omitempty"`
+	CapAdd []string `protobuf:"bytes,12,rep,name=cap_add,json=capAdd,proto3" json:"cap_add,omitempty"`
+	// Published ports: [HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp|/udp].
+	Publish       []string `protobuf:"bytes,13,rep,name=publish,proto3" json:"publish,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -336,6 +338,13 @@ func (x *RunContainerRequest) GetCapAdd() []string {
 	return nil
 }
 
+func (x *RunContainerRequest) GetPublish() []string {
+	if x != nil {
+		return x.Publish
+	}
+	return nil
+}
+
 type Container struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -367,8 +376,10 @@ type Container struct {
 	// The ceiling in force now: the ceiling while the node is relaxed, the
 	// guarantee for a resource the node has hardened.
 	EffectiveCeiling *Resources `protobuf:"bytes,21,opt,name=effective_ceiling,json=effectiveCeiling,proto3" json:"effective_ceiling,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// Published ports, as requested.
+	Publish       []string `protobuf:"bytes,22,rep,name=publish,proto3" json:"publish,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Container) Reset() {
@@ -544,6 +555,13 @@ func (x *Container) GetCapAdd() []string {
 func (x *Container) GetEffectiveCeiling() *Resources {
 	if x != nil {
 		return x.EffectiveCeiling
+	}
+	return nil
+}
+
+func (x *Container) GetPublish() []string {
+	if x != nil {
+		return x.Publish
 	}
 	return nil
 }
@@ -2458,7 +2476,7 @@ const file_ferry_proto_rawDesc = "" +
 	"\x06kernel\x18\x06 \x01(\tR\x06kernel\"K\n" +
 	"\tResources\x12\x1b\n" +
 	"\tcpu_cores\x18\x01 \x01(\x01R\bcpuCores\x12!\n" +
-	"\fmemory_bytes\x18\x02 \x01(\x03R\vmemoryBytes\"\xc3\x03\n" +
+	"\fmemory_bytes\x18\x02 \x01(\x03R\vmemoryBytes\"\xdd\x03\n" +
 	"\x13RunContainerRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06rootfs\x18\x02 \x01(\tR\x06rootfs\x12\x16\n" +
@@ -2472,10 +2490,11 @@ const file_ferry_proto_rawDesc = "" +
 	"\x02ip\x18\n" +
 	" \x01(\tR\x02ip\x12\x12\n" +
 	"\x04args\x18\v \x03(\tR\x04args\x12\x17\n" +
-	"\acap_add\x18\f \x03(\tR\x06capAdd\x1a:\n" +
+	"\acap_add\x18\f \x03(\tR\x06capAdd\x12\x18\n" +
+	"\apublish\x18\r \x03(\tR\apublish\x1a:\n" +
 	"\fSysctlsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xdf\x05\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xf9\x05\n" +
 	"\tContainer\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\x12\x10\n" +
@@ -2501,7 +2520,8 @@ const file_ferry_proto_rawDesc = "" +
 	"\rstatus_reason\x18\x12 \x01(\tR\fstatusReason\x12#\n" +
 	"\rsysctl_denied\x18\x13 \x01(\x04R\fsysctlDenied\x12\x17\n" +
 	"\acap_add\x18\x14 \x03(\tR\x06capAdd\x12@\n" +
-	"\x11effective_ceiling\x18\x15 \x01(\v2\x13.ferry.v1.ResourcesR\x10effectiveCeiling\x1a:\n" +
+	"\x11effective_ceiling\x18\x15 \x01(\v2\x13.ferry.v1.ResourcesR\x10effectiveCeiling\x12\x18\n" +
+	"\apublish\x18\x16 \x03(\tR\apublish\x1a:\n" +
 	"\fSysctlsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x17\n" +

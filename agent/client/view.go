@@ -34,6 +34,7 @@ type ContainerView struct {
 	// resource the node has hardened).
 	EffectiveCeiling ResourcesView `json:"effective_ceiling"`
 	CapAdd           []string      `json:"cap_add"`
+	Publish          []string      `json:"publish"`
 }
 
 func resView(r *api.Resources) ResourcesView {
@@ -53,6 +54,10 @@ func View(c *api.Container) ContainerView {
 	}
 	if v.CapAdd == nil {
 		v.CapAdd = []string{}
+	}
+	v.Publish = c.GetPublish()
+	if v.Publish == nil {
+		v.Publish = []string{}
 	}
 	if v.Args == nil {
 		v.Args = []string{}

@@ -76,7 +76,7 @@ func runCmd() *cobra.Command {
 	var (
 		rootfs, bundle, cpuG, cpuL, memG, memL, hostname, ip string
 		pids                                                 int64
-		env, sysctls, capAdd                                 []string
+		env, sysctls, capAdd, publish                        []string
 	)
 	cmd := &cobra.Command{
 		Use:   "run NAME [flags] [-- CMD ARGS...]",
@@ -90,7 +90,7 @@ Sizes take K/M/G/T (powers of 1024) or KB/MB/GB (powers of 1000); CPU is in core
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			req := &api.RunContainerRequest{Name: args[0], Rootfs: rootfs, Bundle: bundle, Env: env,
-				Hostname: hostname, Ip: ip, PidsMax: pids, Args: args[1:], CapAdd: capAdd,
+				Hostname: hostname, Ip: ip, PidsMax: pids, Args: args[1:], CapAdd: capAdd, Publish: publish,
 				Guarantee: &api.Resources{}, Ceiling: &api.Resources{}}
 			var err error
 			for _, f := range []struct {
@@ -148,6 +148,7 @@ Sizes take K/M/G/T (powers of 1024) or KB/MB/GB (powers of 1000); CPU is in core
 	f.StringVar(&hostname, "hostname", "", "host name (default: the container's name)")
 	f.StringArrayVar(&sysctls, "sysctl", nil, "namespaced sysctl KEY=VALUE (repeatable)")
 	f.StringVar(&ip, "ip", "", "pin the container's address")
+	f.StringArrayVarP(&publish, "publish", "p", nil, "publish a port: [HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp|/udp] (repeatable)")
 	f.StringArrayVar(&capAdd, "cap-add", nil, "add a capability to the default set, e.g. NET_ADMIN (repeatable)")
 	return cmd
 }
