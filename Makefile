@@ -4,6 +4,8 @@ GO          ?= go
 BIN         := bin
 VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS     := -X main.version=$(VERSION)
+# seccomp: libcontainer's seccomp support (cgo, libseccomp), for the containers' default profile.
+TAGS        := seccomp
 TOOLS       := /opt/ferry/bin
 export PATH := $(TOOLS):$(PATH)
 # Integration tests share the host's cgroups and mounts: one package at a time.
@@ -19,9 +21,9 @@ deps: ## install everything the build, demo and tests need (Debian + Go module p
 
 build: ## build bin/ferryd and bin/ferryctl (and, for the fault tests only, bin/failpoints/ferryd)
 	@mkdir -p $(BIN)/failpoints
-	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ferryd ./cmd/ferryd
+	$(GO) build -tags "$(TAGS)" -ldflags "$(LDFLAGS)" -o $(BIN)/ferryd ./cmd/ferryd
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ferryctl ./cmd/ferryctl
-	$(GO) build -tags failpoints -ldflags "$(LDFLAGS)" -o $(BIN)/failpoints/ferryd ./cmd/ferryd
+	$(GO) build -tags "$(TAGS) failpoints" -ldflags "$(LDFLAGS)" -o $(BIN)/failpoints/ferryd ./cmd/ferryd
 
 generate: deps ## regenerate agent/api from ferry.proto with the pinned protoc plugins
 	protoc -I agent/api --go_out=agent/api --go_opt=paths=source_relative \
@@ -30,7 +32,7 @@ generate: deps ## regenerate agent/api from ferry.proto with the pinned protoc p
 test: deps build test-unit test-integration ## everything CI runs: deps, unit tests, root integration tests
 
 test-unit: ## unit tests (race detector on)
-	$(GO) test -race -count=1 $(TESTFLAGS) $$($(GO) list ./... | grep -v /integration)
+	$(GO) test -race -count=1 -tags "$(TAGS)" $(TESTFLAGS) $$($(GO) list ./... | grep -v /integration)
 
 test-integration: build ## integration tests with real containers (root)
 	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -p 1 -timeout 20m -v $(TESTFLAGS) ./integration/ 2>&1 | tee /tmp/ferry-integration.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; test $${PIPESTATUS[0]} -eq 0

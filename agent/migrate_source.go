@@ -374,13 +374,18 @@ func (a *Agent) sendImages(ctx context.Context, peer *client.Client, id, images 
 		return 0, err
 	}
 	w := &chunkWriter{send: stream.Send, id: id}
-	parts := []struct{ name, dir string }{
-		{"images", images},
-		{"upper", filepath.Join(c.dir, "upper")},
+	parts := []struct {
+		name, dir string
+		opts      migrate.WriteOptions
+	}{
+		{"images", images, migrate.WriteOptions{}},
+		// Sockets and FIFOs left in the upper layer are re-made by CRIU
+		// or by the restored program; they cannot be carried as files.
+		{"upper", filepath.Join(c.dir, "upper"), migrate.WriteOptions{SkipUnsupported: true}},
 	}
 	for _, p := range parts {
 		w.part = p.name
-		if _, err := migrate.WriteTree(w, p.dir, migrate.WriteOptions{}); err != nil {
+		if _, err := migrate.WriteTree(w, p.dir, p.opts); err != nil {
 			return w.n, fmt.Errorf("%s: %w", p.name, err)
 		}
 		if err := w.flush(); err != nil {

@@ -16,6 +16,7 @@ import (
 	"github.com/opencontainers/runc/libcontainer/configs"
 	"github.com/opencontainers/runc/libcontainer/specconv"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 
 	"github.com/ferry-agent/ferry/cgroup"
 	"github.com/ferry-agent/ferry/netsetup"
@@ -309,6 +310,30 @@ var knownCaps = func() map[string]bool {
 
 const defaultPath = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
+// deniedSyscalls fail with EPERM in every container: they load code or
+// programs into the kernel (bpf, modules, kexec), reach kernel state no
+// container owns (keyrings, accounting, swap, reboot, quotas), or are the
+// usual first step of kernel exploits (perf_event_open, userfaultfd,
+// open_by_handle_at). The same spirit as Docker's default profile, kept to a
+// denylist so that ordinary programs are never surprised.
+var deniedSyscalls = []string{
+	"bpf", "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load",
+	"add_key", "keyctl", "request_key", "acct", "swapon", "swapoff", "reboot", "quotactl", "quotactl_fd",
+	"lookup_dcookie", "perf_event_open", "userfaultfd", "open_by_handle_at", "nfsservctl", "vm86", "vm86old",
+	"iopl", "ioperm", "syslog",
+}
+
+// defaultSeccomp is every container's seccomp profile: allow, except
+// deniedSyscalls, which fail with EPERM.
+func defaultSeccomp() *specs.LinuxSeccomp {
+	eperm := uint(unix.EPERM)
+	return &specs.LinuxSeccomp{
+		DefaultAction: specs.ActAllow,
+		Architectures: []specs.Arch{specs.ArchX86_64, specs.ArchX86, specs.ArchX32},
+		Syscalls:      []specs.LinuxSyscall{{Names: deniedSyscalls, Action: specs.ActErrno, ErrnoRet: &eperm}},
+	}
+}
+
 // processEnv is the init process's environment: PATH and HOSTNAME, then the
 // request's variables (which may override them).
 func (s *Spec) processEnv() []string {
@@ -345,6 +370,7 @@ func OCISpec(s *Spec, rootfs, cgroupPath, netnsPath string) *specs.Spec {
 	o.Process.Capabilities = &specs.LinuxCapabilities{Bounding: caps, Permitted: caps, Effective: caps}
 	o.Linux.CgroupsPath = cgroupPath
 	o.Linux.Sysctl = s.Sysctls
+	o.Linux.Seccomp = defaultSeccomp()
 	// specconv.Example already lists runc's masked paths and makes /proc/sys,
 	// /proc/sysrq-trigger, /proc/irq and /proc/bus read-only.
 	return o

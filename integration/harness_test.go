@@ -33,9 +33,9 @@ func TestMain(m *testing.M) {
 			}
 			defer func() { _ = os.RemoveAll(d) }()
 			for _, b := range [][]string{
-				{"-o", filepath.Join(d, "ferryd"), "../cmd/ferryd"},
+				{"-tags", "seccomp", "-o", filepath.Join(d, "ferryd"), "../cmd/ferryd"},
 				{"-o", filepath.Join(d, "ferryctl"), "../cmd/ferryctl"},
-				{"-tags", "failpoints", "-o", filepath.Join(d, "failpoints", "ferryd"), "../cmd/ferryd"},
+				{"-tags", "seccomp failpoints", "-o", filepath.Join(d, "failpoints", "ferryd"), "../cmd/ferryd"},
 			} {
 				out, err := exec.Command("go", append([]string{"build"}, b...)...).CombinedOutput()
 				if err != nil {

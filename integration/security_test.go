@@ -2,6 +2,7 @@ package integration
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -136,4 +137,41 @@ func TestLogCap(t *testing.T) {
 	}
 	d.mustCtl("rm", "chatty")
 	d.assertNoTrace(t, "chatty")
+}
+
+// probeRootfs is a copy of the default rootfs with the probe binary in it.
+func probeRootfs(t *testing.T) string {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "rootfs")
+	if out, err := exec.Command("cp", "-a", defaultRootfs, dir).CombinedOutput(); err != nil {
+		t.Fatalf("copy rootfs: %v %s", err, out)
+	}
+	cmd := exec.Command("go", "build", "-o", filepath.Join(dir, "bin", "probe"), "./testdata/probe")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build probe: %v %s", err, out)
+	}
+	return dir
+}
+
+// TestSeccompDefaultProfile: every container runs under ferry's seccomp
+// profile: loading BPF, kernel modules and keyrings fail with EPERM, and
+// mounting procfs fails without CAP_SYS_ADMIN.
+func TestSeccompDefaultProfile(t *testing.T) {
+	requireHost(t)
+	d := newDaemon(t, "a")
+	d.start()
+	d.mustCtl("run", "locked", "--rootfs", probeRootfs(t), "--", "sleep", "1000")
+	status := d.mustCtl("exec", "locked", "--", "cat", "/proc/self/status")
+	if !strings.Contains(status, "Seccomp:\t2") {
+		t.Errorf("no seccomp filter on the container's processes:\n%s", status)
+	}
+	out := d.mustCtl("exec", "locked", "--", "/bin/probe", "bpf", "keyctl", "init_module", "mount-proc")
+	for _, want := range []string{"bpf EPERM", "keyctl EPERM", "init_module EPERM", "mount-proc EPERM"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("probe: want %q in:\n%s", want, out)
+		}
+	}
+	d.mustCtl("rm", "-f", "locked")
+	d.assertNoTrace(t, "locked")
 }

@@ -135,7 +135,9 @@ type treeWriter struct {
 // descriptors opened beneath root with openat2, never following a symlink,
 // so a tree that changes while it is read (a running container's upper
 // layer) cannot make it read outside root; a file that changes size while
-// being read fails the transfer. Mount points inside root are refused.
+// being read fails the transfer. What the format cannot carry (sockets,
+// FIFOs, devices other than whiteouts, mount points inside root) fails
+// with ErrUnsupportedEntry, or is skipped with opts.SkipUnsupported.
 func WriteTree(w io.Writer, root string, opts WriteOptions) (Summary, error) {
 	fd, err := unix.Open(root, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -187,6 +189,9 @@ func (t *treeWriter) entry(dirfd int, name, rel string) error {
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFDIR:
 		fd, err := openBeneath(dirfd, name, unix.O_RDONLY|unix.O_DIRECTORY, 0)
+		if errors.Is(err, unix.EXDEV) {
+			return t.unsupported(rel, "mount point")
+		}
 		if err != nil {
 			return fail("open directory", err)
 		}
@@ -566,6 +571,13 @@ func (x *extractor) entry(hdr *tar.Header, tr io.Reader) error {
 		return refuse(raw, "FIFO")
 	default:
 		return refuse(raw, fmt.Sprintf("entry type %q", hdr.Typeflag))
+	}
+	for k := range hdr.PAXRecords {
+		// A sparse entry expands a few bytes on the wire into up to
+		// MaxBytes of zeros on disk; WriteTree never makes one.
+		if strings.HasPrefix(k, "GNU.sparse.") {
+			return refuse(raw, "sparse file")
+		}
 	}
 	if hdr.Typeflag == tar.TypeSymlink && (hdr.Linkname == "" || strings.IndexByte(hdr.Linkname, 0) >= 0) {
 		return refuse(raw, fmt.Sprintf("symlink target %q", hdr.Linkname))

@@ -77,6 +77,27 @@ func tarStream(t testing.TB, end bool, entries ...entry) []byte {
 	return buf.Bytes()
 }
 
+// paxRecord encodes one PAX record: "<length> key=value\n", the length
+// counting itself.
+func paxRecord(kv string) string {
+	n := len(kv) + 3
+	for len(fmt.Sprintf("%d %s\n", n, kv)) != n {
+		n++
+	}
+	return fmt.Sprintf("%d %s\n", n, kv)
+}
+
+// setTypeflag rewrites a ustar header block's type and its checksum.
+func setTypeflag(blk []byte, typ byte) {
+	blk[156] = typ
+	copy(blk[148:156], "        ")
+	sum := 0
+	for _, c := range blk {
+		sum += int(c)
+	}
+	copy(blk[148:156], fmt.Sprintf("%06o\x00 ", sum))
+}
+
 // sandbox is a parent directory holding the destination and, beside it, a
 // sentinel directory nothing may touch.
 type sandbox struct{ parent, dest, sentinel string }
@@ -526,6 +547,18 @@ func TestExtractTreeRefuses(t *testing.T) {
 		{name: "non-canonical //", stream: stream(dir("a/"), reg("a//b", "x")), class: ErrUnsafeEntry, entry: "a//b", reason: "non-canonical", created: []string{"a"}},
 		{name: "dot", stream: stream(dir("./")), class: ErrUnsafeEntry, entry: "./", reason: "non-canonical"},
 		{name: "missing parent", stream: stream(reg("no/such", "x")), errno: unix.ENOENT, entry: "no/such", reason: "open parent directory"},
+		{name: "sparse file", stream: func(t testing.TB, _ sandbox) []byte {
+			// PAX sparse 1.0 (archive/tar's writer will not make one): a
+			// 1 GiB file of zeros from one 512-byte block holding the map.
+			pax := ""
+			for _, kv := range []string{"GNU.sparse.major=1", "GNU.sparse.minor=0", "GNU.sparse.name=sparse", "GNU.sparse.realsize=1073741824"} {
+				pax += paxRecord(kv)
+			}
+			x := reg("PaxHeaders/sparse", pax)
+			b := tarStream(t, true, x, reg("GNUSparseFile.0/sparse", "1\n0\n0\n"+strings.Repeat("\x00", 512-6)))
+			setTypeflag(b[:512], tar.TypeXHeader)
+			return b
+		}, class: ErrUnsafeEntry, entry: "sparse", reason: "sparse file"},
 		{name: "global header", stream: stream(entry{hdr: tar.Header{Typeflag: tar.TypeXGlobalHeader, PAXRecords: map[string]string{"comment": "x"}}}),
 			class: ErrUnsafeEntry, entry: "GlobalHead.0.0", reason: "entry type 'g'"},
 		{name: "too many bytes", stream: stream(reg("one", big), reg("two", big)), limits: Limits{MaxBytes: 100, MaxFiles: 10},
@@ -621,20 +654,42 @@ func TestExtractTreeNeedsLimits(t *testing.T) {
 	}
 }
 
-// TestExtractTreeRefusesMountCrossing: a mount point inside the
-// destination is not written through (RESOLVE_NO_XDEV).
-func TestExtractTreeRefusesMountCrossing(t *testing.T) {
+// TestMountPointsInsideTrees: neither side crosses a mount point inside
+// its tree (RESOLVE_NO_XDEV): the destination refuses to write through one,
+// the source does not read through one.
+func TestMountPointsInsideTrees(t *testing.T) {
 	testenv.RequireRoot(t)
-	sb := newSandbox(t)
-	mnt := filepath.Join(sb.dest, "mnt")
-	must(t, os.Mkdir(mnt, 0o755))
-	if err := unix.Mount("tmpfs", mnt, "tmpfs", 0, "size=1m"); err != nil {
-		testenv.Unavailable(t, "tmpfs mount: "+err.Error())
+	mountTmpfs := func(dir string) {
+		must(t, os.Mkdir(dir, 0o755))
+		if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=1m"); err != nil {
+			testenv.Unavailable(t, "tmpfs mount: "+err.Error())
+		}
+		t.Cleanup(func() {
+			if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
+				t.Errorf("unmount %s: %v", dir, err)
+			}
+		})
 	}
-	t.Cleanup(func() { _ = unix.Unmount(mnt, unix.MNT_DETACH) })
+
+	sb := newSandbox(t)
+	mountTmpfs(filepath.Join(sb.dest, "mnt"))
 	_, err := ExtractTree(bytes.NewReader(tarStream(t, true, reg("mnt/x", "x"))), sb.dest, testLimits)
 	if !errors.Is(err, ErrUnsafeEntry) || !errors.Is(err, unix.EXDEV) {
 		t.Errorf("write under a mount point: %v, want ErrUnsafeEntry and EXDEV", err)
+	}
+
+	src := t.TempDir()
+	mkfile(t, filepath.Join(src, "file"), "x", 0o644, time.Now())
+	mountTmpfs(filepath.Join(src, "mnt"))
+	mkfile(t, filepath.Join(src, "mnt", "other-fs"), "x", 0o644, time.Now())
+	_, err = WriteTree(io.Discard, src, WriteOptions{})
+	var ee *EntryError
+	if !errors.Is(err, ErrUnsupportedEntry) || !errors.As(err, &ee) || ee.Name != "mnt" || ee.Reason != "mount point" {
+		t.Errorf("read a tree with a mount point: %v, want ErrUnsupportedEntry naming mnt", err)
+	}
+	s, err := WriteTree(io.Discard, src, WriteOptions{SkipUnsupported: true})
+	if err != nil || s.Files != 1 || fmt.Sprint(s.Skipped) != "[{mnt mount point}]" {
+		t.Errorf("SkipUnsupported: %+v, %v: want the file sent and mnt skipped", s, err)
 	}
 }
 

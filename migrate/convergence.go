@@ -149,7 +149,7 @@ func Decide(rounds []Round, opts Options) Decision {
 		d.Reason = ReasonNoRounds
 		return d
 	}
-	last := rounds[n-1]
+	last := rounds[len(rounds)-1]
 	d.Bandwidth = bandwidth(rounds, o.BandwidthCap)
 
 	var remainingPages float64

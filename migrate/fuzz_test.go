@@ -13,6 +13,8 @@ import (
 // The seed corpus is in testdata/fuzz/FuzzExtractTree, made by
 // `go run ./testdata/genseeds` (valid trees, and each kind of refused
 // entry); crashers found by `go test -fuzz` are committed beside them.
+// Each input gets fresh directories from t.TempDir: on this machine's ext4
+// /tmp that costs ~5 ms, on tmpfs ~0.3 ms, so fuzz with TMPDIR=/dev/shm.
 func FuzzExtractTree(f *testing.F) {
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, data []byte) {

@@ -34,7 +34,7 @@ CRIU_LINK=/usr/local/sbin/criu
 ROOTFS=$FERRY_PREFIX/rootfs/busybox
 
 APT_PACKAGES=(iptables busybox-static runc protobuf-compiler iproute2 util-linux
-	kmod cpio qemu-system-x86 procps psmisc bpftool)
+	kmod cpio qemu-system-x86 procps psmisc bpftool libseccomp-dev pkg-config)
 # Packages that forky's criu is always unpacked with, on top of what the
 # resolver computes from the real Depends (a check, not a replacement).
 CRIU_PACKAGES=(criu libcompel1)

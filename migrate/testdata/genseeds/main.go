@@ -82,6 +82,30 @@ func headerOnly(h tar.Header) []byte {
 	return append(buf.Bytes(), bytes.Repeat([]byte("b"), 512)...)
 }
 
+// sparse is a PAX sparse 1.0 entry (archive/tar's writer will not make
+// one): a regular entry whose preceding PAX header, hand-made, says it
+// expands to 1 GiB.
+func sparse() []byte {
+	var pax string
+	for _, kv := range []string{"GNU.sparse.major=1", "GNU.sparse.minor=0", "GNU.sparse.name=sparse", "GNU.sparse.realsize=1073741824"} {
+		n := len(kv) + 3
+		for len(fmt.Sprintf("%d %s\n", n, kv)) != n {
+			n++
+		}
+		pax += fmt.Sprintf("%d %s\n", n, kv)
+	}
+	b := stream(true, reg("PaxHeaders/sparse", pax), reg("GNUSparseFile.0/sparse", "1\n0\n0\n"))
+	blk := b[:512]
+	blk[156] = 'x'
+	copy(blk[148:156], "        ")
+	sum := 0
+	for _, c := range blk {
+		sum += int(c)
+	}
+	copy(blk[148:156], fmt.Sprintf("%06o\x00 ", sum))
+	return b
+}
+
 func main() {
 	seeds := map[string][]byte{
 		"valid-tree": stream(true,
@@ -108,6 +132,7 @@ func main() {
 		"fifo":              stream(true, dev(tar.TypeFifo, "fifo", 0, 0)),
 		"duplicate":         stream(true, reg("f", "1"), reg("f", "2")),
 		"no-end-marker":     stream(false, reg("f", "x")),
+		"sparse":            sparse(),
 	}
 	var many []entry
 	for i := 0; i < 17; i++ { // FuzzExtractTree allows 16
