@@ -17,6 +17,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/opencontainers/cgroups"
 	"github.com/opencontainers/runc/libcontainer"
 	"golang.org/x/sys/unix"
 
@@ -815,11 +816,10 @@ func (a *Agent) teardown(name, dir string) error {
 	}
 	var rec record
 	if err := atomicfile.ReadJSON(filepath.Join(dir, specFile), &rec); err == nil && rec.Cgroup != "" {
-		// The guard's cgroup in the unified hierarchy, made before libcontainer ran.
-		if ud, err := sysctlguard.CgroupDir(rec.Cgroup); err == nil {
-			if err := os.Remove(ud); err != nil && !errors.Is(err, os.ErrNotExist) {
-				errs = append(errs, fmt.Errorf("remove cgroup %s: %w", ud, err))
-			}
+		// What libcontainer did not remove: the guard's cgroup made before it
+		// ran, and cgroups of a start cut short before it saved its state.
+		if err := removeCgroup(rec.Cgroup); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	if err := unmountOverlay(dir); err != nil {
@@ -827,6 +827,52 @@ func (a *Agent) teardown(name, dir string) error {
 	}
 	if err := os.RemoveAll(dir); err != nil {
 		errs = append(errs, fmt.Errorf("remove state dir: %w", err))
+	}
+	return errors.Join(errs...)
+}
+
+// removeCgroup removes the cgroup at path (relative to each hierarchy's
+// root) in every mounted hierarchy, killing what is left in it first.
+func removeCgroup(path string) error {
+	if path == "" || path == "/" {
+		return nil
+	}
+	var dirs []string
+	if cgroups.IsCgroup2UnifiedMode() {
+		dirs = []string{filepath.Join("/sys/fs/cgroup", path)}
+	} else {
+		hs, _ := os.ReadDir("/sys/fs/cgroup")
+		for _, h := range hs {
+			if h.IsDir() {
+				dirs = append(dirs, filepath.Join("/sys/fs/cgroup", h.Name(), path))
+			}
+		}
+	}
+	var errs []error
+	for _, d := range dirs {
+		if _, err := os.Stat(d); err != nil {
+			continue
+		}
+		// Thaw first: a frozen task cannot die.
+		_ = os.WriteFile(filepath.Join(d, "freezer.state"), []byte("THAWED"), 0o644)
+		var err error
+		for try := 0; try < 50; try++ {
+			if b, rerr := os.ReadFile(filepath.Join(d, "cgroup.procs")); rerr == nil {
+				for _, f := range strings.Fields(string(b)) {
+					if pid, perr := strconv.Atoi(f); perr == nil {
+						_ = unix.Kill(pid, unix.SIGKILL)
+					}
+				}
+			}
+			if err = os.Remove(d); err == nil || errors.Is(err, os.ErrNotExist) {
+				err = nil
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("remove cgroup %s: %w", d, err))
+		}
 	}
 	return errors.Join(errs...)
 }
