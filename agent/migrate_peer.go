@@ -8,7 +8,9 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/ferry-agent/ferry/agent/api"
@@ -293,15 +295,33 @@ func (a *Agent) RestoreIncoming(ctx context.Context, id string) (_ *api.RestoreI
 	if err := failpoint.Check("peer-restore"); err != nil {
 		return nil, fmt.Errorf("container %q: restore: %w", c.name, err)
 	}
-	ii, cmd, err := a.startMonitor(ctx, c.dir, in.images)
-	if err != nil {
-		return nil, fmt.Errorf("container %q: restore: %w", c.name, err)
-	}
 	if a.net != nil {
-		if err := a.net.Activate(ctx, c.name); err != nil {
-			_ = a.kill(c.name, ii)
+		// The address comes up on this node before the restore, so the
+		// restored connections' first packets are not lost to a link that
+		// is still down (they would wait for a retransmit, ~1 s). Until the
+		// restore is done this namespace sends no TCP resets: a peer's
+		// segment that arrives before its socket is restored is dropped and
+		// retransmitted, never answered with a reset that would end the
+		// connection.
+		if err := holdTCP(c.rec.Netns, true); err != nil {
 			return nil, fmt.Errorf("container %q: network: %w", c.name, err)
 		}
+		if err := a.net.Activate(ctx, c.name); err != nil {
+			_ = holdTCP(c.rec.Netns, false)
+			return nil, fmt.Errorf("container %q: network: %w", c.name, err)
+		}
+	}
+	ii, cmd, err := a.startMonitor(ctx, c.dir, in.images)
+	if a.net != nil {
+		if herr := holdTCP(c.rec.Netns, false); herr != nil {
+			a.log.Warn("release the restore's TCP hold", "container", c.name, "err", herr)
+		}
+	}
+	if err != nil {
+		if a.net != nil {
+			_ = a.net.Deactivate(context.Background(), c.name)
+		}
+		return nil, fmt.Errorf("container %q: restore: %w", c.name, err)
 	}
 	a.mu.Lock()
 	c.init, c.creating, c.exited = ii, false, make(chan struct{})
@@ -357,4 +377,21 @@ func (a *Agent) abortIncoming(in *incoming, reason string) error {
 	}
 	a.mu.Unlock()
 	return err
+}
+
+// holdRule drops outgoing TCP resets in a container's namespace.
+var holdRule = []string{"OUTPUT", "-p", "tcp", "--tcp-flags", "RST", "RST", "-m", "comment", "--comment", "ferry-restore-hold", "-j", "DROP"}
+
+// holdTCP adds (on) or removes the restore hold in the namespace at netns.
+func holdTCP(netns string, on bool) error {
+	op := "-D"
+	if on {
+		op = "-I"
+	}
+	args := append([]string{"--net=" + netns, "iptables", "-w", op}, holdRule...)
+	out, err := exec.Command("nsenter", args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("iptables %s restore hold in %s: %w: %s", op, netns, err, strings.TrimSpace(string(out)))
+	}
+	return nil
 }
