@@ -37,7 +37,7 @@ test-unit: ## unit tests (race detector on)
 test-integration: build ## integration tests with real containers (root)
 	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -p 1 -timeout 20m -v $(TESTFLAGS) ./integration/ 2>&1 | tee /tmp/ferry-integration.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; test $${PIPESTATUS[0]} -eq 0
 
-demo: deps build ## the main job on built-in defaults: run, inspect, restart ferryd, clean up
+demo: deps build ## the main job: two hosts, a counting container with a TCP client, ferryd kill -9 and reattach, live migration A->B, clean up
 	@bash scripts/demo.sh $(CURDIR)/$(BIN)
 
 bench: deps build ## benchmarks: start/remove against the runc CLI, RSS, harden latency, sysctl guard overhead
