@@ -11,7 +11,7 @@ export PATH := $(TOOLS):$(PATH)
 # Integration tests share the host's cgroups and mounts: one package at a time.
 TESTFLAGS   ?=
 
-.PHONY: help deps build generate test test-unit test-integration demo bench lint clean
+.PHONY: help deps build generate test test-unit test-integration demo bench fuzz lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -46,6 +46,13 @@ bench: deps build ## benchmarks: start/remove against the runc CLI, RSS, harden 
 	$(GO) test -run '^$$' -bench GuardOverhead -benchtime 3x -timeout 10m -v ./sysctlguard/
 
 GOLANGCI    := github.com/golangci/golangci-lint/v2/cmd/golangci-lint@v2.15.0
+
+FUZZTIME    ?= 2m
+fuzz: ## run every fuzz target for FUZZTIME each (make test runs their seed corpora only)
+	@set -e; for t in "FuzzParseSize ./cgroup" "FuzzParseCPU ./cgroup" "FuzzNormalize ./cgroup" \
+		"FuzzValidate ./sysctlguard" "FuzzNormalizeSpec ./agent" "FuzzExtractTree ./migrate"; do \
+		set -- $$t; echo "== $$1 ($$2, $(FUZZTIME))"; \
+		TMPDIR=/dev/shm $(GO) test -run '^$$' -fuzz "^$$1$$" -fuzztime $(FUZZTIME) $$2; done
 
 lint: ## gofmt, go vet and golangci-lint (errcheck, errorlint, gosec; installs the pinned version once)
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
