@@ -1,9 +1,12 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"testing"
 	"time"
+
+	"github.com/ferry-agent/ferry/agent/api"
 )
 
 func TestEventBusReplayAndFollow(t *testing.T) {
@@ -69,5 +72,38 @@ drain:
 		case <-deadline:
 			t.Fatal("the slow subscriber was not told events were dropped")
 		}
+	}
+}
+
+func TestChunkWriterReusesItsBuffer(t *testing.T) {
+	var got [][]byte
+	var parts []string
+	w := &chunkWriter{id: "m-1", part: "images", send: func(c *api.ImageChunk) error {
+		got = append(got, append([]byte(nil), c.Data...)) // Send encodes before it returns
+		parts = append(parts, c.Part+"/"+c.MigrationId)
+		return nil
+	}}
+	data := make([]byte, 2*chunkSize+10)
+	for i := range data {
+		data[i] = byte(i)
+	}
+	if n, err := w.Write(data[:7]); n != 7 || err != nil {
+		t.Fatal(n, err)
+	}
+	if n, err := w.Write(data[7:]); n != len(data)-7 || err != nil {
+		t.Fatal(n, err)
+	}
+	if err := w.flush(); err != nil {
+		t.Fatal(err)
+	}
+	var all []byte
+	for _, g := range got {
+		all = append(all, g...)
+	}
+	if len(got) != 3 || !bytes.Equal(all, data) || w.n != int64(len(data)) {
+		t.Fatalf("%d chunks, %d bytes, n=%d", len(got), len(all), w.n)
+	}
+	if parts[0] != "images/m-1" || parts[1] != "images/" {
+		t.Errorf("migration id on chunks: %v", parts)
 	}
 }

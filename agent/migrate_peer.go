@@ -340,8 +340,8 @@ func (a *Agent) RestoreIncoming(ctx context.Context, id string) (_ *api.RestoreI
 	if err := a.elastic.Add(ctx, a.elasticContainer(c)); err != nil {
 		a.log.Error("elastic limits", "container", c.name, "err", err)
 	}
-	_ = os.RemoveAll(filepath.Dir(in.images))
 	restoreMs := time.Since(start).Milliseconds()
+	go func() { _ = os.RemoveAll(filepath.Dir(in.images)) }() // off the confirmation's path
 	a.events.Publish(Event{Type: EventContainerMigratedIn, Container: c.name, Message: "restored from a migration",
 		Attrs: map[string]string{"migration": id, "pid": fmt.Sprint(ii.Pid), "restore_ms": fmt.Sprint(restoreMs)}})
 	a.log.Info("incoming migration restored", "container", c.name, "pid", ii.Pid, "restore_ms", restoreMs)

@@ -410,6 +410,8 @@ func (a *Agent) sendImages(ctx context.Context, peer *client.Client, id, images 
 }
 
 // chunkWriter cuts a stream of bytes into ImageChunk messages of one part.
+// It fills one fixed buffer and sends it as it is: gRPC encodes a message
+// before Send returns, so the buffer can be reused at once.
 type chunkWriter struct {
 	send func(*api.ImageChunk) error
 	id   string
@@ -422,26 +424,34 @@ type chunkWriter struct {
 const chunkSize = 1 << 20
 
 func (w *chunkWriter) Write(p []byte) (int, error) {
-	w.buf = append(w.buf, p...)
-	for len(w.buf) >= chunkSize {
-		if err := w.emit(w.buf[:chunkSize]); err != nil {
-			return 0, err
-		}
-		w.buf = w.buf[chunkSize:]
+	if w.buf == nil {
+		w.buf = make([]byte, 0, chunkSize)
 	}
-	return len(p), nil
+	written := 0
+	for len(p) > 0 {
+		k := copy(w.buf[len(w.buf):cap(w.buf)], p)
+		w.buf = w.buf[:len(w.buf)+k]
+		p, written = p[k:], written+k
+		if len(w.buf) == cap(w.buf) {
+			if err := w.emit(w.buf); err != nil {
+				return written, err
+			}
+			w.buf = w.buf[:0]
+		}
+	}
+	return written, nil
 }
 
 // flush sends what is buffered; every part gets at least one chunk, so an
 // empty part still reaches the peer.
 func (w *chunkWriter) flush() error {
 	err := w.emit(w.buf)
-	w.buf = nil
+	w.buf = w.buf[:0]
 	return err
 }
 
 func (w *chunkWriter) emit(b []byte) error {
-	ch := &api.ImageChunk{Part: w.part, Data: append([]byte(nil), b...)}
+	ch := &api.ImageChunk{Part: w.part, Data: b}
 	if !w.sent {
 		ch.MigrationId = w.id
 		w.sent = true
