@@ -269,6 +269,7 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 	defer func() {
 		if retErr != nil && !confirmed {
 			m.Phase, m.State = "rollback", MigrationRolledBack
+			defer func() { m.FrozenMs = time.Since(frozeAt).Milliseconds() }() // frozen until the thaw
 			if deactivated {
 				if err := a.net.Activate(context.Background(), c.name); err != nil {
 					log.Error("rollback: network", "err", err)

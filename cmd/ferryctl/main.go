@@ -195,7 +195,7 @@ func psCmd() *cobra.Command {
 						state = fmt.Sprintf("%s (%d)", ct.State, ct.ExitCode)
 					}
 					_, _ = fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", ct.Name, state, ct.Pid, dash(ct.Ip),
-						cpuPair(ct.Guarantee, ct.EffectiveCeiling), memPair(ct.Guarantee, ct.EffectiveCeiling), since(ct.StartedAt), strings.Join(ct.Args, " "))
+						cpuPair(ct.Guarantee, ct.EffectiveCeiling), memPair(ct.Guarantee, ct.EffectiveCeiling), since(ct.StartedAt), oneLine(strings.Join(ct.Args, " ")))
 				}
 				return tw.Flush()
 			}
@@ -680,4 +680,9 @@ func migrationsCmd() *cobra.Command {
 	}
 	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
 	return cmd
+}
+
+// oneLine keeps a table cell on one line.
+func oneLine(s string) string {
+	return strings.Join(strings.Fields(s), " ")
 }
