@@ -306,7 +306,15 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 
 	report("transfer")
 	xferStart := time.Now()
-	sent, err := a.sendImages(ctx, peer, id, images, c)
+	lastReport := time.Now()
+	sent, err := a.sendImages(ctx, peer, id, images, c, func(n int64) {
+		if time.Since(lastReport) < 200*time.Millisecond || progress == nil {
+			return
+		}
+		lastReport = time.Now()
+		m.BytesSent, m.TotalMs = n, time.Since(start).Milliseconds()
+		progress(proto.Clone(m).(*api.Migration))
+	})
 	m.BytesSent, m.TransferMs = sent, time.Since(xferStart).Milliseconds()
 	if err != nil {
 		return nil, fmt.Errorf("transfer: %w", err)
@@ -369,12 +377,17 @@ func (a *Agent) finishMigratedAway(c *container, peerNode string) error {
 }
 
 // sendImages streams the images, the upper layer and the log to the peer.
-func (a *Agent) sendImages(ctx context.Context, peer *client.Client, id, images string, c *container) (int64, error) {
+func (a *Agent) sendImages(ctx context.Context, peer *client.Client, id, images string, c *container, sentSoFar func(int64)) (int64, error) {
 	stream, err := peer.SendImages(ctx)
 	if err != nil {
 		return 0, err
 	}
-	w := &chunkWriter{send: stream.Send, id: id}
+	w := &chunkWriter{id: id}
+	w.send = func(ch *api.ImageChunk) error {
+		err := stream.Send(ch)
+		sentSoFar(w.n)
+		return err
+	}
 	parts := []struct {
 		name, dir string
 		opts      migrate.WriteOptions

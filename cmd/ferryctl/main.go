@@ -611,8 +611,16 @@ kernels), postcopy. The progress is printed per phase, then a summary.`,
 					}
 					return c.Explain(err)
 				}
-				if last == nil || m.Phase != last.Phase {
+				switch {
+				case last == nil || m.Phase != last.Phase:
 					fmt.Printf("[%7.3fs] %-9s round %d  %s sent\n", float64(m.TotalMs)/1000, m.Phase, m.Rounds, humanBytes(float64(m.BytesSent)))
+				case m.BytesSent != last.BytesSent:
+					// Progress within the transfer.
+					rate := 0.0
+					if m.TotalMs > last.TotalMs {
+						rate = float64(m.BytesSent-last.BytesSent) / (float64(m.TotalMs-last.TotalMs) / 1000)
+					}
+					fmt.Printf("[%7.3fs] %-9s           %s sent  %s/s\n", float64(m.TotalMs)/1000, m.Phase, humanBytes(float64(m.BytesSent)), humanBytes(rate))
 				}
 				last = m
 			}
