@@ -62,6 +62,11 @@ type Config struct {
 	Network netsetup.Config
 	// TLSDir holds this node's certificate, used to reach peers.
 	TLSDir string
+	// RemoteRootfs lists the directories under which a rootfs or bundle
+	// named by a controller or a peer (over the TLS listener) must lie;
+	// the default rootfs's directory is always allowed. The local socket
+	// (root on this host) is not restricted.
+	RemoteRootfs []string
 }
 
 // record is ferryd's part of a container's on-disk state: the request and
@@ -1258,4 +1263,23 @@ func (a *Agent) ElasticMetrics() (cgroup.Metrics, map[cgroup.Resource]uint64) {
 	}
 	a.mu.Unlock()
 	return a.elastic.Metrics(), ref
+}
+
+// checkRemoteRootfs refuses a rootfs or bundle path sent by a controller or
+// peer outside the allowed directories: a remote caller must not make this
+// node use, say, its own / as a container's root.
+func (a *Agent) checkRemoteRootfs(field, p string) error {
+	if p == "" {
+		return nil
+	}
+	clean := filepath.Clean(p)
+	allowed := append([]string{filepath.Dir(a.cfg.DefaultRootfs)}, a.cfg.RemoteRootfs...)
+	for _, dir := range allowed {
+		dir = filepath.Clean(dir)
+		if dir != "/" && (clean == dir || strings.HasPrefix(clean, dir+"/")) {
+			return nil
+		}
+	}
+	return fmt.Errorf("%s %q: not under a directory allowed for remote callers (%s; ferryd --remote-rootfs): %w",
+		field, p, strings.Join(allowed, ", "), ErrFailedPrecondition)
 }

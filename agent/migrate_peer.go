@@ -61,6 +61,12 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingReq
 	if err := json.Unmarshal(req.GetSpecJson(), &spec); err != nil {
 		return nil, fmt.Errorf("spec: %v: %w", err, ErrInvalidArgument)
 	}
+	// The source resolved the bundle already; only its rootfs is used here,
+	// and it must lie where remote callers may point.
+	spec.Bundle = ""
+	if err := a.checkRemoteRootfs("rootfs", spec.Rootfs); err != nil {
+		return nil, err
+	}
 	if err := NormalizeSpec(&spec, a.cfg.DefaultRootfs, a.policy); err != nil {
 		return nil, err
 	}

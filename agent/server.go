@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"runtime"
 	"time"
@@ -68,6 +69,11 @@ func (s *Server) RunContainer(ctx context.Context, req *api.RunContainerRequest)
 		Name: req.GetName(), Rootfs: req.GetRootfs(), Bundle: req.GetBundle(), Args: req.GetArgs(),
 		Env: req.GetEnv(), Hostname: req.GetHostname(), Sysctls: req.GetSysctls(), IP: req.GetIp(), CapAdd: req.GetCapAdd(), Publish: req.GetPublish(),
 		Resources: cgroup.Spec{Guarantee: resources(req.GetGuarantee()), Ceiling: resources(req.GetCeiling()), PidsMax: req.GetPidsMax()},
+	}
+	if s.peer {
+		if err := errors.Join(s.a.checkRemoteRootfs("rootfs", spec.Rootfs), s.a.checkRemoteRootfs("bundle", spec.Bundle)); err != nil {
+			return nil, toStatus(err)
+		}
 	}
 	c, err := s.a.Run(ctx, spec)
 	if err != nil {

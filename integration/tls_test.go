@@ -128,6 +128,15 @@ func TestMutualTLS(t *testing.T) {
 			t.Errorf("%s: Logs stream got %v, want Unauthenticated", name, err)
 		}
 	}
+	// A controller may not make this node use its own / (or any directory
+	// outside the allowed ones) as a container's root.
+	for _, rootfs := range []string{"/", "/etc", "/opt/ferry/rootfs/../../etc"} {
+		_, err := good.RunContainer(ctx, &api.RunContainerRequest{Name: "escape", Rootfs: rootfs, Args: []string{"true"}})
+		if status.Code(err) != codes.FailedPrecondition && status.Code(err) != codes.InvalidArgument {
+			t.Errorf("remote run with rootfs %q: %v, want FailedPrecondition", rootfs, err)
+		}
+	}
+	d.assertNoTrace(t, "escape")
 	resp, err := good.ListContainers(ctx, &api.ListContainersRequest{})
 	if err != nil || len(resp.Containers) != 0 {
 		t.Fatalf("after refused calls: %v containers, err %v", len(resp.GetContainers()), err)

@@ -50,7 +50,7 @@ type options struct {
 	bridge, subnet, ipRange                                              string
 	logMax                                                               int64
 	relaxMem, relaxCPU                                                   time.Duration
-	sysctlAllow                                                          []string
+	sysctlAllow, remoteRootfs                                            []string
 }
 
 func main() {
@@ -105,6 +105,7 @@ init and its per-container monitor); they are not meant to be run by hand.`,
 	f.StringVar(&o.criu, "criu", "criu", "CRIU binary")
 	f.Int64Var(&o.logMax, "log-max", 10<<20, "per-container log size cap in bytes (one rotated file is kept besides)")
 	f.StringArrayVar(&o.sysctlAllow, "sysctl-allow", nil, "narrow the sysctls containers may write to these keys or prefixes (net.ipv4.*); repeatable; never widens beyond the namespaced ones")
+	f.StringArrayVar(&o.remoteRootfs, "remote-rootfs", nil, "a directory under which controllers and peers may name a rootfs or bundle (repeatable; the default rootfs's directory is always allowed)")
 	f.StringVar(&o.bpfRoot, "bpf-root", "/sys/fs/bpf/ferry", "where the sysctl guards' BPF programs are pinned (its parent is mounted as bpffs if needed)")
 	f.StringVar(&o.bridge, "bridge", "ferry0", "host bridge the containers' veths join (empty: networking off, containers get lo only)")
 	f.StringVar(&o.subnet, "subnet", "10.88.0.0/16", "the L2 segment's IPv4 subnet, shared by the hosts on it")
@@ -209,8 +210,8 @@ func serve(o options) error {
 	}
 	a, err := agent.New(agent.Config{
 		Capacity: capacity, Reserved: reserved, PressureSource: o.pressure, Detector: detector(o), Network: network,
-		TLSDir: o.tlsDir,
-		Root:   o.root, RunDir: o.runDir, NodeName: o.nodeName, CgroupParent: o.cgroupParent,
+		TLSDir: o.tlsDir, RemoteRootfs: o.remoteRootfs,
+		Root: o.root, RunDir: o.runDir, NodeName: o.nodeName, CgroupParent: o.cgroupParent,
 		DefaultRootfs: o.defaultRootfs, CriuPath: o.criu, LogMax: o.logMax, Version: version,
 		SysctlAllow: o.sysctlAllow, BPFRoot: o.bpfRoot,
 	}, log)
