@@ -108,7 +108,7 @@ init and its per-container monitor); they are not meant to be run by hand.`,
 	f.StringArrayVar(&o.remoteRootfs, "remote-rootfs", nil, "a directory under which controllers and peers may name a rootfs or bundle (repeatable; the default rootfs's directory is always allowed)")
 	f.StringVar(&o.bpfRoot, "bpf-root", "/sys/fs/bpf/ferry", "where the sysctl guards' BPF programs are pinned (its parent is mounted as bpffs if needed)")
 	f.StringVar(&o.bridge, "bridge", "ferry0", "host bridge the containers' veths join (empty: networking off, containers get lo only)")
-	f.StringVar(&o.subnet, "subnet", "10.88.0.0/16", "the L2 segment's IPv4 subnet, shared by the hosts on it")
+	f.StringVar(&o.subnet, "subnet", "10.87.0.0/16", "the L2 segment's IPv4 subnet, shared by the hosts on it")
 	f.StringVar(&o.ipRange, "ip-range", "", "this node's own slice of --subnet for new addresses (default: all of it); hosts on one segment need disjoint ranges")
 	f.StringVar(&o.capacityCPU, "capacity-cpu", "", "node CPU capacity in cores (default: detected)")
 	f.StringVar(&o.capacityMem, "capacity-memory", "", "node memory capacity, e.g. 16G (default: detected MemTotal)")
