@@ -11,7 +11,7 @@ export PATH := $(TOOLS):$(PATH)
 # Integration tests share the host's cgroups and mounts: one package at a time.
 TESTFLAGS   ?=
 
-.PHONY: help deps build generate test test-unit test-integration demo bench fuzz lint clean
+.PHONY: help deps build generate test test-unit test-integration test-vm demo bench fuzz lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -29,13 +29,21 @@ generate: deps ## regenerate agent/api from ferry.proto with the pinned protoc p
 	protoc -I agent/api --go_out=agent/api --go_opt=paths=source_relative \
 		--go-grpc_out=agent/api --go-grpc_opt=paths=source_relative agent/api/ferry.proto
 
-test: deps build test-unit test-integration ## everything CI runs: deps, unit tests, root integration tests
+test: deps build test-unit test-integration test-vm ## everything CI runs: deps, unit tests, root integration tests, the VM tier
 
 test-unit: ## unit tests (race detector on)
 	$(GO) test -race -count=1 -tags "$(TAGS)" $(TESTFLAGS) $$($(GO) list ./... | grep -v /integration)
 
 test-integration: build ## integration tests with real containers (root)
 	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -p 1 -timeout 20m -v $(TESTFLAGS) ./integration/ 2>&1 | tee /tmp/ferry-integration.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; test $${PIPESTATUS[0]} -eq 0
+
+VM_FLAGS ?=
+test-vm: deps build ## tests inside a Debian 6.1 VM under qemu (TCG): soft-dirty, cgroup v2; VM_FLAGS passes options to scripts/vm/run.sh
+	@# One retry, and only when the guest never reported (a boot or emulation hang), never for a failed test.
+	@bash scripts/vm/run.sh --bin $(CURDIR)/$(BIN) $(VM_FLAGS) 2>&1 | tee /tmp/ferry-vm.log; rc=$${PIPESTATUS[0]}; \
+	if [ $$rc -ne 0 ] && grep -q "the VM did not report\|timed out" /tmp/ferry-vm.log && ! grep -q -- "--- FAIL" /tmp/ferry-vm.log; then \
+		echo "test-vm: the guest did not report; retrying once"; bash scripts/vm/run.sh --bin $(CURDIR)/$(BIN) $(VM_FLAGS); \
+	else exit $$rc; fi
 
 demo: deps build ## the main job: two hosts, a counting container with a TCP client, ferryd kill -9 and reattach, live migration A->B, clean up
 	@bash scripts/demo.sh $(CURDIR)/$(BIN)

@@ -80,6 +80,7 @@ func (d *daemon) waitEvent(typ string, after uint64, within time.Duration) (even
 //	(c) the pressure passes and the ceilings come back after the relax window.
 func TestElasticHardenAndRelax(t *testing.T) {
 	requireHost(t)
+	requireV1(t)
 	const mi = 1 << 20
 	d := newDaemon(t, "a", "--capacity-memory", "1G", "--reserve-memory", "256M", "--capacity-cpu", "2", "--reserve-cpu", "0.1",
 		"--pressure-source", "parent", "--relax-after-memory", "3s", "--relax-after-cpu", "3s")

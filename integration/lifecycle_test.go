@@ -46,6 +46,7 @@ func waitCountAbove(t *testing.T, d *daemon, name string, n int, within time.Dur
 // code, stop, rm, and nothing is left on the host.
 func TestLifecycleSurvivesDaemonRestart(t *testing.T) {
 	requireHost(t)
+	requireV1(t)
 	d := newDaemon(t, "a")
 	d.start()
 
@@ -253,6 +254,7 @@ func TestSIGTERMLeavesContainersAndNotifiesReady(t *testing.T) {
 // short) is still removed by rm -f: SIGKILL is let through by thawing.
 func TestRemoveFrozenContainer(t *testing.T) {
 	requireHost(t)
+	requireV1(t)
 	d := newDaemon(t, "a")
 	d.start()
 	d.mustCtl("run", "frozen", "--", "sleep", "1000")

@@ -18,6 +18,7 @@ import (
 // cgroup belongs to a container it lists.
 func TestRestartStorm(t *testing.T) {
 	requireHost(t)
+	requireV1(t)
 	d := newDaemon(t, "storm")
 	d.start()
 

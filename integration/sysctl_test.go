@@ -79,6 +79,7 @@ func sysctlDenied(t *testing.T, d *daemon, name string) int {
 // failing guard would change nothing.
 func TestSysctlGuardDeniesGlobalWrites(t *testing.T) {
 	requireHost(t)
+	requireV1(t)
 	d := newDaemon(t, "a")
 	d.start()
 	global := []string{"kernel.panic", "vm.swappiness", "kernel.pid_max", "kernel.randomize_va_space"}

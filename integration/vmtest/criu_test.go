@@ -58,7 +58,9 @@ func TestCriuPreDumpRounds(t *testing.T) {
 	if err := unix.Mkfifo(filepath.Join(counts, "tick"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	tree := exec.Command("sh", "-c", treeScript, "tree", counts)
+	// busybox's sh: its "read -t" takes fractions of a second (dash, the
+	// VM's /bin/sh, has no -t at all).
+	tree := exec.Command(testenv.RequireBinary(t, "busybox"), "sh", "-c", treeScript, "tree", counts)
 	tree.Dir = work
 	// Its own session and process group, stdio on /dev/null: nothing CRIU
 	// would have to treat as external.
@@ -66,6 +68,7 @@ func TestCriuPreDumpRounds(t *testing.T) {
 	if err := tree.Start(); err != nil {
 		t.Fatal(err)
 	}
+	started := time.Now()
 	pid := tree.Process.Pid
 	waited := make(chan error, 1)
 	go func() { waited <- tree.Wait() }()
@@ -108,6 +111,9 @@ func TestCriuPreDumpRounds(t *testing.T) {
 		t.Fatal("the tree died during the pre-dumps")
 	}
 	atDump := readInt(filepath.Join(counts, "count"))
+	if most := int(time.Since(started).Seconds()*10) + 20; atDump > most {
+		t.Fatalf("the tree counted to %d in %s: its 0.1 s sleep does not sleep", atDump, time.Since(started).Round(time.Millisecond))
+	}
 	criuRun(dir(3), append([]string{"dump", "-o", "dump.log", "--prev-images-dir", "../2"}, base(3)...)...)
 
 	// The dump ended the tree.
