@@ -716,7 +716,7 @@ func (a *Agent) Run(ctx context.Context, spec Spec) (_ *container, retErr error)
 	if a.net != nil {
 		// Tell the segment where this address lives now (it may have lived
 		// on another node a moment ago): gratuitous ARP, off the hot path.
-		go func() {
+		go func() { //nolint:gosec // G118: not the request's context: the announcement outlives the reply
 			if err := a.net.Announce(context.Background(), c.name); err != nil {
 				a.log.Warn("announce address", "container", c.name, "err", err)
 			}

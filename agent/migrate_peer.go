@@ -59,7 +59,7 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingReq
 	}
 	var spec Spec
 	if err := json.Unmarshal(req.GetSpecJson(), &spec); err != nil {
-		return nil, fmt.Errorf("spec: %v: %w", err, ErrInvalidArgument)
+		return nil, fmt.Errorf("spec: %w: %w", err, ErrInvalidArgument)
 	}
 	// The source resolved the bundle already; only its rootfs is used here,
 	// and it must lie where remote callers may point.

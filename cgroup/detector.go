@@ -119,7 +119,7 @@ const minHardenedCPU = 0.01
 // (0.01 cores, 4Mi): it was promised nothing, and on v1/v2 the step-down then
 // holds it at what it cannot give back rather than killing it.
 func EffectiveLimits(s Spec, cpu, memory State) Limits {
-	l := Limits{Guarantee: s.Guarantee, Ceiling: s.Ceiling, PidsMax: s.PidsMax}
+	l := Limits(s)
 	if cpu == Hardened {
 		l.Ceiling.CPU = hardened(s.Guarantee.CPU, s.Ceiling.CPU, minHardenedCPU)
 	}

@@ -6,7 +6,6 @@ import (
 	"os"
 
 	"github.com/opencontainers/cgroups"
-	"github.com/opencontainers/runc/libcontainer/configs"
 )
 
 // Amount is a CPU and memory quantity.
@@ -87,8 +86,8 @@ func SharesForCores(cores float64) uint64 {
 
 // Resources maps s onto libcontainer's cgroup resources: the ceiling as hard
 // limits (CFS quota, memory limit), the guarantee as a weight and soft limit.
-func (s Spec) Resources() *configs.Resources {
-	r := &configs.Resources{}
+func (s Spec) Resources() *cgroups.Resources {
+	r := &cgroups.Resources{}
 	if s.Ceiling.CPU > 0 {
 		r.CpuPeriod = cfsPeriod
 		r.CpuQuota = int64(math.Ceil(s.Ceiling.CPU * cfsPeriod))

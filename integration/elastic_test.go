@@ -44,8 +44,9 @@ func (d *daemon) node() nodeView {
 	return n
 }
 
-// waitEvent waits for an event of type typ with a seq above after and returns it.
-func (d *daemon) waitEvent(typ string, after uint64, within time.Duration) (event, time.Time) {
+// waitEvent waits for an event of type typ about resource with a seq above
+// after and returns it. (This machine is shared: CPU may harden too.)
+func (d *daemon) waitEvent(typ, resource string, after uint64, within time.Duration) (event, time.Time) {
 	d.t.Helper()
 	deadline := time.Now().Add(within)
 	for time.Now().Before(deadline) {
@@ -55,7 +56,7 @@ func (d *daemon) waitEvent(typ string, after uint64, within time.Duration) (even
 				event
 				Time string `json:"time"`
 			}
-			if l != "" && json.Unmarshal([]byte(l), &e) == nil && e.Seq > after {
+			if l != "" && json.Unmarshal([]byte(l), &e) == nil && e.Seq > after && e.Attributes["resource"] == resource {
 				at, _ := time.Parse(time.RFC3339Nano, e.Time)
 				return e.event, at
 			}
@@ -117,7 +118,7 @@ func TestElasticHardenAndRelax(t *testing.T) {
 	d.mustCtl("run", "hog", "--mem-guarantee", "64M", "--mem-limit", "1G", "--",
 		"sh", "-c", "dd if=/dev/zero of=/big bs=1M count=800 2>/dev/null; cat /big >/dev/null; cat /big >/dev/null; echo hogged; sleep 1000")
 	hog := d.inspect("hog")
-	_, hardenedAt := d.waitEvent("node.hardened", before, 60*time.Second)
+	_, hardenedAt := d.waitEvent("node.hardened", "memory", before, 60*time.Second)
 	clamped := false
 	for time.Since(hardenedAt) < time.Second {
 		cl := cgroupInt(t, "memory", calm.Cgroup, "memory.limit_in_bytes")
@@ -166,7 +167,7 @@ func TestElasticHardenAndRelax(t *testing.T) {
 
 	// (c) The page cache was reclaimed by the clamp: pressure is gone, and
 	// after the 3 s relax window the ceilings come back.
-	_, _ = d.waitEvent("node.relaxed", 0, 60*time.Second)
+	_, _ = d.waitEvent("node.relaxed", "memory", 0, 60*time.Second)
 	deadline = time.Now().Add(5 * time.Second)
 	for time.Now().Before(deadline) {
 		if cgroupInt(t, "memory", calm.Cgroup, "memory.limit_in_bytes") == 512*mi && cgroupInt(t, "memory", hog.Cgroup, "memory.limit_in_bytes") == 1024*mi {

@@ -60,7 +60,7 @@ func (m *Manager) announce(ctx context.Context, id string) error {
 	if err != nil {
 		return &OpError{Op: "open packet socket", ID: id, Netns: rec.Netns, Err: err}
 	}
-	defer unix.Close(fd)
+	defer func() { _ = unix.Close(fd) }()
 	mac := MACFor(rec.IP)
 	dst := &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ARP), Ifindex: ifindex, Halen: 6,
 		Addr: [8]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}}
@@ -88,7 +88,7 @@ func containerIfIndex(rec *record) (int, error) {
 	if err != nil {
 		return 0, &OpError{Op: "open netns", ID: rec.ID, Netns: rec.Netns, Err: err}
 	}
-	defer ns.Close()
+	defer func() { _ = ns.Close() }()
 	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
 		return 0, &OpError{Op: "open netlink", ID: rec.ID, Netns: rec.Netns, Err: err}

@@ -51,7 +51,7 @@ const (
 // validate checks cfg and fills in the defaults.
 func (cfg *Config) validate() error {
 	if err := validIfName(cfg.Bridge); err != nil {
-		return fmt.Errorf("bridge name %q: %v: %w", cfg.Bridge, err, ErrInvalid)
+		return fmt.Errorf("bridge name %q: %w: %w", cfg.Bridge, err, ErrInvalid)
 	}
 	if err := validPrefix("subnet", cfg.Subnet); err != nil {
 		return err

@@ -184,7 +184,7 @@ func wire(t *testing.T, a, b *testHost) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer nb.Close()
+	defer func() { _ = nb.Close() }()
 	attrs := netlink.NewLinkAttrs()
 	attrs.Name = "wire-" + b.name
 	err = a.m.host.LinkAdd(&netlink.Veth{LinkAttrs: attrs, PeerName: "wire-" + a.name, PeerNamespace: netlink.NsFd(int(nb)), PeerTxQLen: -1})
@@ -235,7 +235,7 @@ func neighbour(t *testing.T, root string, h *testHost, name, addr string) string
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ns.Close()
+	defer func() { _ = ns.Close() }()
 	nh, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
 		t.Fatal(err)
@@ -289,7 +289,7 @@ func newPinger(t *testing.T, nsPath string) *pinger {
 	if err != nil {
 		t.Fatalf("ping socket in %s: %v", nsPath, err)
 	}
-	t.Cleanup(func() { unix.Close(p.fd) })
+	t.Cleanup(func() { _ = unix.Close(p.fd) })
 	return p
 }
 
@@ -407,7 +407,7 @@ func mountsUnder(t *testing.T, dir string) []string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }()
 	var out []string
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {

@@ -306,7 +306,7 @@ func (m *Manager) plumb(rec *record) (retErr error) {
 	if err != nil {
 		return &OpError{Op: "open netns", ID: rec.ID, Netns: rec.Netns, Err: err}
 	}
-	defer ns.Close()
+	defer func() { _ = ns.Close() }()
 	ctr, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
 		return &OpError{Op: "open netlink", ID: rec.ID, Netns: rec.Netns, Err: err}
@@ -582,7 +582,7 @@ func (m *Manager) waitOperUp(ctx context.Context, rec *record) error {
 	if err != nil {
 		return &OpError{Op: "open netns", ID: rec.ID, Netns: rec.Netns, Err: err}
 	}
-	defer ns.Close()
+	defer func() { _ = ns.Close() }()
 	ctr, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
 		return &OpError{Op: "open netlink", ID: rec.ID, Netns: rec.Netns, Err: err}

@@ -528,7 +528,7 @@ func withHandle(t *testing.T, nsPath string, fn func(*netlink.Handle)) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ns.Close()
+	defer func() { _ = ns.Close() }()
 	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
 		t.Fatal(err)

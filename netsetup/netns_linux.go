@@ -90,7 +90,7 @@ func inNetns(path string, fn func() error) error {
 	if err != nil {
 		return &OpError{Op: "open netns", Netns: path, Err: err}
 	}
-	defer unix.Close(fd)
+	defer func() { _ = unix.Close(fd) }()
 	return onThreadInNetns(func() error {
 		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
 			return &OpError{Op: "enter netns", Netns: path, Err: err}
@@ -116,7 +116,7 @@ func onThreadInNetns(fn func() error) error {
 			errc <- &OpError{Op: "open own netns", Err: err}
 			return
 		}
-		defer unix.Close(orig)
+		defer func() { _ = unix.Close(orig) }()
 		ferr := fn()
 		if err := unix.Setns(orig, unix.CLONE_NEWNET); err != nil {
 			// Stay locked: the thread is retired when this goroutine ends.

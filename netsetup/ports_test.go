@@ -55,7 +55,7 @@ func TestPublishedPorts(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer ns.Close()
+		defer func() { _ = ns.Close() }()
 		attrs := netlink.NewLinkAttrs()
 		attrs.Name = "ext0"
 		if err := h.m.host.LinkAdd(&netlink.Veth{LinkAttrs: attrs, PeerName: "eth0", PeerNamespace: netlink.NsFd(int(ns)), PeerTxQLen: -1}); err != nil {
@@ -147,7 +147,7 @@ func listenIn(t *testing.T, nsPath, network, addr string) net.Listener {
 	if err := inNetns(nsPath, func() (err error) { ln, err = net.Listen(network, addr); return err }); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
+	t.Cleanup(func() { _ = ln.Close() })
 	return ln
 }
 
@@ -161,7 +161,7 @@ func dialAndRead(t *testing.T, nsPath string, ln net.Listener, addr string) erro
 		c, err := ln.Accept()
 		if err == nil {
 			_, err = c.Write([]byte("hello"))
-			c.Close()
+			_ = c.Close()
 		}
 		accepted <- err
 	}()
@@ -169,10 +169,12 @@ func dialAndRead(t *testing.T, nsPath string, ln net.Listener, addr string) erro
 	err := inNetns(nsPath, func() (err error) { conn, err = net.DialTimeout("tcp4", addr, time.Second); return err })
 	if err != nil {
 		_ = ln.(*net.TCPListener).SetDeadline(time.Now()) // end the Accept now
-		<-accepted
+		if err := <-accepted; err != nil {
+			t.Logf("accept: %v", err)
+		}
 		return err
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	_ = conn.SetDeadline(time.Now().Add(2 * time.Second))
 	got, err := io.ReadAll(conn)
 	if aerr := <-accepted; aerr != nil {

@@ -229,7 +229,7 @@ func (st *store) locked(fn func(*state) (save bool, err error)) (retErr error) {
 	if err != nil {
 		return &OpError{Op: "open state lock", Err: err}
 	}
-	defer lf.Close()
+	defer func() { _ = lf.Close() }()
 	if err := flock(lf, unix.LOCK_EX); err != nil {
 		return &OpError{Op: "lock state", Err: err}
 	}

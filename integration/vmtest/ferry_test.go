@@ -52,7 +52,7 @@ func startFerryd(t *testing.T) *ferryd {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer lf.Close()
+	defer func() { _ = lf.Close() }()
 	d.cmd = exec.Command(filepath.Join(bin, "ferryd"), "--root", d.root, "--run-dir", filepath.Join(base, "run"),
 		"--socket", d.socket, "--cgroup-parent", d.cgParent, "--node-name", "vm", "--log-level", "debug")
 	d.cmd.Stdout, d.cmd.Stderr = lf, lf

@@ -58,7 +58,7 @@ func TestKernelHasSoftDirty(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer pagemap.Close()
+	defer func() { _ = pagemap.Close() }()
 	entry := func() uint64 {
 		t.Helper()
 		var b [8]byte
@@ -80,7 +80,7 @@ func TestKernelHasSoftDirty(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer f.Close()
+		defer func() { _ = f.Close() }()
 		if _, err := f.WriteString("4"); err != nil {
 			t.Fatalf("write 4 to /proc/self/clear_refs (clear soft-dirty bits): %v", err)
 		}
@@ -156,7 +156,7 @@ func TestCgroupV2(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer unix.Close(fd)
+	defer func() { _ = unix.Close(fd) }()
 	cmd := exec.Command("sleep", "60")
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: fd}
 	if err := cmd.Start(); err != nil {
