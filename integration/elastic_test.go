@@ -88,7 +88,10 @@ func TestElasticHardenAndRelax(t *testing.T) {
 	d.start()
 
 	// (a) Calm: "calm" bursts to ~150 MiB of page cache above its 64 MiB guarantee.
-	d.mustCtl("run", "calm", "--mem-guarantee", "64M", "--mem-limit", "512M", "--",
+	// CPU guarantees, so that a CPU transition (this machine is shared and
+	// its load shows in the parent's PSI) clamps them to half a core, not
+	// to the floor a container without a guarantee gets.
+	d.mustCtl("run", "calm", "--mem-guarantee", "64M", "--mem-limit", "512M", "--cpu-guarantee", "0.5", "--cpu-limit", "1", "--",
 		"sh", "-c", "dd if=/dev/zero of=/f bs=1M count=150 2>/dev/null; cat /f >/dev/null; cat /f >/dev/null; rm /f; echo ready; sleep 1000")
 	calm := d.inspect("calm")
 	deadline := time.Now().Add(20 * time.Second)
@@ -115,7 +118,7 @@ func TestElasticHardenAndRelax(t *testing.T) {
 
 	// (b) The hog: 800 MiB of page cache, read twice so it is active (working set).
 	before, _ := d.waitEventNone()
-	d.mustCtl("run", "hog", "--mem-guarantee", "64M", "--mem-limit", "1G", "--",
+	d.mustCtl("run", "hog", "--mem-guarantee", "64M", "--mem-limit", "1G", "--cpu-guarantee", "0.5", "--cpu-limit", "1", "--",
 		"sh", "-c", "dd if=/dev/zero of=/big bs=1M count=800 2>/dev/null; cat /big >/dev/null; cat /big >/dev/null; echo hogged; sleep 1000")
 	hog := d.inspect("hog")
 	_, hardenedAt := d.waitEvent("node.hardened", "memory", before, 60*time.Second)
