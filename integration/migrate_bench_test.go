@@ -527,30 +527,7 @@ func (r *runcMig) stderrTail() string {
 // writes its heartbeats there) and whose process is the hog.
 func (r *runcMig) hogBundle(id, rootfs string, args []string) string {
 	r.tb.Helper()
-	var s map[string]any
-	b, _ := json.Marshal(r.tmpl)
-	_ = json.Unmarshal(b, &s) // a deep copy
-	proc, ok1 := s["process"].(map[string]any)
-	linux, ok2 := s["linux"].(map[string]any)
-	if !ok1 || !ok2 {
-		r.tb.Fatalf("runc spec's config.json has no process or linux object: %s", b)
-	}
-	proc["terminal"] = false
-	proc["args"] = args
-	s["root"] = map[string]any{"path": rootfs, "readonly": false}
-	s["hostname"] = id
-	linux["cgroupsPath"] = r.parent + "/" + id
-	dir := filepath.Join(r.base, "bundles", id)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		r.tb.Fatal(err)
-	}
-	out, err := json.MarshalIndent(s, "", "\t")
-	if err != nil {
-		r.tb.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "config.json"), out, 0o600); err != nil {
-		r.tb.Fatal(err)
-	}
+	dir := r.writeBundle(id, rootfs, false, args)
 	r.ids = append(r.ids, id) // runcBench's cleanup deletes it
 	return dir
 }
@@ -670,7 +647,8 @@ func newMigRig(b *testing.B) *migRig {
 	rig.a = newMigHost(b, "mb-host-a", "--subnet", subnet, "--ip-range", "10.79.0.0/26", "--listen", "10.79.0.1:7443",
 		"--tls-dir", dirA, "--pressure-source", "parent")
 	rig.b = newMigHost(b, "mb-host-b", "--subnet", subnet, "--ip-range", "10.79.0.64/26", "--listen", rig.addrB,
-		"--tls-dir", dirB, "--pressure-source", "parent")
+		"--tls-dir", dirB, "--pressure-source", "parent",
+		"--remote-rootfs", filepath.Dir(rig.ferryRootfs)) // the hog's rootfs, named by A
 	rig.a.start()
 	rig.b.start()
 	wireHosts(b, rig.a, rig.b)
