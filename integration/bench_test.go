@@ -308,6 +308,13 @@ func newRuncBench(tb testing.TB) *runcBench {
 // no terminal, the busybox rootfs read-only and a cgroup of its own.
 func (r *runcBench) bundle(id string) string {
 	r.tb.Helper()
+	return r.writeBundle(id, defaultRootfs, true, benchCmd)
+}
+
+// writeBundle writes bundles/id/config.json: runc spec's template with args,
+// no terminal, root at rootfs and a cgroup of its own under r.parent.
+func (r *runcBench) writeBundle(id, rootfs string, readonly bool, args []string) string {
+	r.tb.Helper()
 	var s map[string]any
 	b, _ := json.Marshal(r.tmpl)
 	_ = json.Unmarshal(b, &s) // a deep copy
@@ -317,8 +324,8 @@ func (r *runcBench) bundle(id string) string {
 		r.tb.Fatalf("runc spec's config.json has no process or linux object: %s", b)
 	}
 	proc["terminal"] = false
-	proc["args"] = benchCmd
-	s["root"] = map[string]any{"path": defaultRootfs, "readonly": true}
+	proc["args"] = args
+	s["root"] = map[string]any{"path": rootfs, "readonly": readonly}
 	s["hostname"] = id
 	linux["cgroupsPath"] = r.parent + "/" + id
 	dir := filepath.Join(r.base, "bundles", id)
