@@ -795,6 +795,10 @@ func tail(path string, n int64) string {
 // libcontainer state and cgroups, the overlay mount and the state directory.
 func (a *Agent) teardown(name, dir string) error {
 	var errs []error
+	// The record may be missing (a create cut short before it was written):
+	// then there is no cgroup path or migration to act on.
+	var rec record
+	_ = atomicfile.ReadJSON(filepath.Join(dir, specFile), &rec)
 	var mp monitorPid
 	if err := atomicfile.ReadJSON(filepath.Join(dir, monitorPidFile), &mp); err == nil && proc.Alive(mp.Pid, mp.Start) {
 		_ = unix.Kill(mp.Pid, unix.SIGKILL)
@@ -806,8 +810,6 @@ func (a *Agent) teardown(name, dir string) error {
 		errs = append(errs, err)
 	}
 	if a.net != nil {
-		var rec record
-		_ = atomicfile.ReadJSON(filepath.Join(dir, specFile), &rec)
 		var err error
 		if rec.MigratedTo != "" {
 			// The address lives on elsewhere now: keep it reserved as moved.
@@ -819,8 +821,7 @@ func (a *Agent) teardown(name, dir string) error {
 			errs = append(errs, fmt.Errorf("network: %w", err))
 		}
 	}
-	var rec record
-	if err := atomicfile.ReadJSON(filepath.Join(dir, specFile), &rec); err == nil && rec.Cgroup != "" {
+	if rec.Cgroup != "" {
 		// What libcontainer did not remove: the guard's cgroup made before it
 		// ran, and cgroups of a start cut short before it saved its state.
 		if err := removeCgroup(rec.Cgroup); err != nil {
