@@ -141,6 +141,7 @@ type Agent struct {
 	ctrs map[string]*container
 
 	criuVersion string
+	checks      criuChecks
 	watchers    sync.WaitGroup
 	done        chan struct{}
 	events      *eventBus
@@ -150,9 +151,10 @@ type Agent struct {
 
 	net *netsetup.Manager // nil: networking off
 
-	migrations  map[string]*api.Migration // as the source; guarded by mu
-	interrupted []*api.Migration          // running when ferryd last died; settled at Load
-	incoming    map[string]*incoming      // as the destination; guarded by mu
+	migrations  map[string]*api.Migration    // as the source; guarded by mu
+	interrupted []*api.Migration             // running when ferryd last died; settled at Load
+	incoming    map[string]*incoming         // as the destination; guarded by mu
+	running     map[string]*runningMigration // as the source, until each ends; guarded by mu
 
 	node     *cgroup.Node
 	elastic  *cgroup.Controller
@@ -188,6 +190,7 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 		events:     newEventBus(1024),
 		migrations: map[string]*api.Migration{},
 		incoming:   map[string]*incoming{},
+		running:    map[string]*runningMigration{},
 	}
 	for _, d := range []string{a.crDir, a.lcRoot, filepath.Join(cfg.Root, "migrations")} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
@@ -692,7 +695,7 @@ func (a *Agent) Run(ctx context.Context, spec Spec) (_ *container, retErr error)
 	if err := a.guardContainer(ctx, c); err != nil {
 		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
 	}
-	ii, cmd, err := a.startMonitor(ctx, c.dir, "")
+	ii, cmd, err := a.startMonitor(ctx, c.dir, restoreSource{})
 	if err != nil {
 		if strings.Contains(err.Error(), "executable file not found") || strings.Contains(err.Error(), "no such file or directory") {
 			return nil, fmt.Errorf("container %q: args[0] %q: cannot be executed in the rootfs: %w", spec.Name, spec.Args[0], errors.Join(err, ErrInvalidArgument))
@@ -729,13 +732,13 @@ func (a *Agent) Run(ctx context.Context, spec Spec) (_ *container, retErr error)
 }
 
 // startMonitor starts the container's monitor and waits for its report.
-func (a *Agent) startMonitor(ctx context.Context, dir, restoreFrom string) (_ *initInfo, _ *exec.Cmd, retErr error) {
+func (a *Agent) startMonitor(ctx context.Context, dir string, restore restoreSource) (_ *initInfo, _ *exec.Cmd, retErr error) {
 	r, w, err := os.Pipe()
 	if err != nil {
 		return nil, nil, fmt.Errorf("ready pipe: %w", err)
 	}
 	defer func() { _ = r.Close() }()
-	cmd, err := monitorCommand(a.cfg.Self, dir, a.lcRoot, a.cfg.LogMax, restoreFrom, w)
+	cmd, err := monitorCommand(a.cfg.Self, dir, a.lcRoot, a.cfg.LogMax, restore, w)
 	if err != nil {
 		_ = w.Close()
 		return nil, nil, err

@@ -21,6 +21,7 @@ var (
 	ErrAlreadyExists      = errors.New("already exists")
 	ErrFailedPrecondition = errors.New("failed precondition")
 	ErrResourceExhausted  = errors.New("resource exhausted")
+	ErrCanceled           = errors.New("canceled")
 )
 
 // toStatus maps an agent error to its gRPC status.
@@ -48,7 +49,7 @@ func toStatus(err error) error {
 		code = codes.FailedPrecondition
 	case errors.Is(err, ErrResourceExhausted), errors.Is(err, cgroup.ErrExhausted):
 		code = codes.ResourceExhausted
-	case errors.Is(err, context.Canceled):
+	case errors.Is(err, context.Canceled), errors.Is(err, ErrCanceled):
 		code = codes.Canceled
 	case errors.Is(err, context.DeadlineExceeded):
 		code = codes.DeadlineExceeded

@@ -6,16 +6,20 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ferry-agent/ferry/agent/api"
 	"github.com/ferry-agent/ferry/internal/atomicfile"
 	"github.com/ferry-agent/ferry/internal/failpoint"
+	"github.com/ferry-agent/ferry/internal/privnet"
 	"github.com/ferry-agent/ferry/migrate"
 	"github.com/ferry-agent/ferry/netsetup"
 )
@@ -27,6 +31,20 @@ type incoming struct {
 	images   string
 	received bool
 	timer    *time.Timer
+	mode     string // stopcopy or postcopy
+	source   string // the source's node name
+
+	// Post-copy only.
+	pageNS   *privnet.NS      // private loopback for the lazy-pages daemon
+	pageLn   *net.TCPListener // where the daemon reaches the page tunnel
+	tunnel   atomic.Bool      // a PageTunnel is open
+	lazyCmd  *exec.Cmd        // criu lazy-pages
+	lazyDone chan struct{}    // closed when it ended; lazyErr says how
+	lazyErr  error
+	outcome  chan struct{} // closed when the restored copy has every page, or was removed
+	outErr   error
+	outOnce  sync.Once
+	postcopy time.Duration // from the restore's end to the last page in
 }
 
 // Limits on what a source may send.
@@ -56,6 +74,17 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingReq
 	}
 	if req.GetSourceNode() == a.cfg.NodeName {
 		return nil, fmt.Errorf("source node %q: is this node: %w", req.GetSourceNode(), ErrInvalidArgument)
+	}
+	mode := req.GetMode()
+	switch mode {
+	case "", migrate.ModeStopCopy:
+		mode = migrate.ModeStopCopy
+	case migrate.ModePostCopy:
+		if f := a.MigrationFeatures(); !f.LazyPages {
+			return nil, fmt.Errorf("mode postcopy: this node (%s) cannot take lazy pages: %s: %w", a.cfg.NodeName, f.LazyPagesReason, ErrFailedPrecondition)
+		}
+	default:
+		return nil, fmt.Errorf("mode %q: this agent takes stopcopy or postcopy: %w", mode, ErrInvalidArgument)
 	}
 	var spec Spec
 	if err := json.Unmarshal(req.GetSpecJson(), &spec); err != nil {
@@ -136,11 +165,30 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingReq
 	if err := a.guardContainer(ctx, c); err != nil {
 		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
 	}
-	in := &incoming{id: id, c: c, images: filepath.Join(a.cfg.RunDir, "migrations", id, "images")}
+	in := &incoming{id: id, c: c, mode: mode, source: req.GetSourceNode(), images: filepath.Join(a.cfg.RunDir, "migrations", id, "images")}
 	if err := os.MkdirAll(in.images, 0o700); err != nil {
 		return nil, err
 	}
+	defer func() {
+		if retErr != nil {
+			_ = os.RemoveAll(filepath.Dir(in.images))
+		}
+	}()
+	if mode == migrate.ModePostCopy {
+		if err := in.prepareLazy(); err != nil {
+			return nil, fmt.Errorf("container %q: post-copy: %w", spec.Name, err)
+		}
+	}
 	in.timer = time.AfterFunc(incomingTimeout, func() {
+		if in.outcome != nil {
+			select {
+			case <-in.outcome:
+				// Restored with every page; the source never asked.
+				a.forgetIncoming(in)
+				return
+			default:
+			}
+		}
 		log.Warn("incoming migration timed out; removing what was prepared")
 		_ = a.AbortIncoming(context.Background(), id, "timed out")
 	})
@@ -317,7 +365,17 @@ func (a *Agent) RestoreIncoming(ctx context.Context, id string) (_ *api.RestoreI
 			return nil, fmt.Errorf("container %q: network: %w", c.name, err)
 		}
 	}
-	ii, cmd, err := a.startMonitor(ctx, c.dir, in.images)
+	lazy := in.mode == migrate.ModePostCopy
+	if lazy {
+		if err := a.startLazyPages(in, in.images+"-work"); err != nil {
+			if a.net != nil {
+				_ = holdTCP(c.rec.Netns, false)
+				_ = a.net.Deactivate(context.Background(), c.name)
+			}
+			return nil, fmt.Errorf("container %q: post-copy: %w", c.name, err)
+		}
+	}
+	ii, cmd, err := a.startMonitor(ctx, c.dir, restoreSource{images: in.images, lazy: lazy})
 	if a.net != nil {
 		if herr := holdTCP(c.rec.Netns, false); herr != nil {
 			a.log.Warn("release the restore's TCP hold", "container", c.name, "err", herr)
@@ -330,12 +388,23 @@ func (a *Agent) RestoreIncoming(ctx context.Context, id string) (_ *api.RestoreI
 		return nil, fmt.Errorf("container %q: restore: %w", c.name, err)
 	}
 	a.mu.Lock()
-	c.init, c.creating, c.exited = ii, false, make(chan struct{})
-	c.rec.Incoming = ""
+	c.init, c.exited = ii, make(chan struct{})
+	if lazy {
+		// Running, but not this node's until every page is in: hidden
+		// from lists, and a ferryd restart removes it (its record keeps
+		// Incoming) since the daemon feeding it dies with ferryd.
+		c.reason = "post-copy: its memory is still moving from " + in.source
+		in.outcome = make(chan struct{})
+	} else {
+		c.creating = false
+		c.rec.Incoming = ""
+		delete(a.incoming, id)
+	}
 	rec := c.rec
-	delete(a.incoming, id)
 	a.mu.Unlock()
-	in.timer.Stop()
+	if !lazy {
+		in.timer.Stop()
+	}
 	if err := atomicfile.WriteJSON(filepath.Join(c.dir, specFile), rec, 0o600); err != nil {
 		a.log.Warn("record container", "container", c.name, "err", err)
 	}
@@ -347,7 +416,11 @@ func (a *Agent) RestoreIncoming(ctx context.Context, id string) (_ *api.RestoreI
 		a.log.Error("elastic limits", "container", c.name, "err", err)
 	}
 	restoreMs := time.Since(start).Milliseconds()
-	go func() { _ = os.RemoveAll(filepath.Dir(in.images)) }() // off the confirmation's path
+	if lazy {
+		go a.finishLazy(in, time.Now())
+	} else {
+		go func() { _ = os.RemoveAll(filepath.Dir(in.images)) }() // off the confirmation's path
+	}
 	a.events.Publish(Event{Type: EventContainerMigratedIn, Container: c.name, Message: "restored from a migration",
 		Attrs: map[string]string{"migration": id, "pid": fmt.Sprint(ii.Pid), "restore_ms": fmt.Sprint(restoreMs)}})
 	a.log.Info("incoming migration restored", "container", c.name, "pid", ii.Pid, "restore_ms", restoreMs)
@@ -373,6 +446,25 @@ func (a *Agent) abortIncoming(in *incoming, reason string) error {
 	a.mu.Unlock()
 	in.timer.Stop()
 	a.log.Warn("incoming migration aborted", "container", in.c.name, "migration", in.id, "reason", reason)
+	a.mu.Lock()
+	ii, exited := in.c.init, in.c.exited
+	a.mu.Unlock()
+	if ii != nil && exited != nil {
+		// Restored (post-copy, pages still moving): it ends before its
+		// state goes, so its exit is recorded before anything is released.
+		if err := a.kill(in.c.name, ii); err == nil {
+			select {
+			case <-exited:
+			case <-time.After(30 * time.Second):
+			}
+		}
+	}
+	if in.pageNS != nil {
+		in.closeLazy()
+	}
+	if in.outcome != nil {
+		in.setOutcome(errors.New("aborted: " + reason))
+	}
 	err := a.teardown(in.c.name, in.c.dir)
 	_ = os.RemoveAll(filepath.Dir(in.images))
 	_ = a.elastic.Remove(in.c.name)

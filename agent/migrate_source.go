@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -12,6 +13,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/opencontainers/runc/libcontainer"
@@ -34,6 +36,7 @@ const (
 	MigrationSucceeded  = "succeeded"
 	MigrationRolledBack = "rolled_back"
 	MigrationFailed     = "failed"
+	MigrationCanceled   = "canceled"
 
 	EventContainerMigrated   = "container.migrated"
 	EventContainerMigratedIn = "container.migrated_in"
@@ -107,48 +110,143 @@ func newMigrationID() string {
 	return "m-" + hex.EncodeToString(b)
 }
 
-// validateMigrate checks a request before anything is touched.
-func (a *Agent) validateMigrate(req *api.MigrateRequest) (mode, reason string, err error) {
+// validateMigrate checks a request before anything is touched and returns
+// the requested mode.
+func (a *Agent) validateMigrate(req *api.MigrateRequest) (string, error) {
 	if err := ValidateName(req.GetName()); err != nil {
-		return "", "", err
+		return "", err
 	}
 	host, port, err := net.SplitHostPort(req.GetPeer())
 	if err != nil || host == "" || port == "" {
-		return "", "", fmt.Errorf("peer %q: want HOST:PORT of the peer's --listen address: %w", req.GetPeer(), ErrInvalidArgument)
+		return "", fmt.Errorf("peer %q: want HOST:PORT of the peer's --listen address: %w", req.GetPeer(), ErrInvalidArgument)
 	}
 	if req.GetMaxDowntimeMs() < 0 {
-		return "", "", fmt.Errorf("max_downtime %dms: negative: %w", req.GetMaxDowntimeMs(), ErrInvalidArgument)
+		return "", fmt.Errorf("max_downtime %dms: negative: %w", req.GetMaxDowntimeMs(), ErrInvalidArgument)
 	}
 	if req.GetMaxRounds() < 0 {
-		return "", "", fmt.Errorf("max_rounds %d: negative: %w", req.GetMaxRounds(), ErrInvalidArgument)
+		return "", fmt.Errorf("max_rounds %d: negative: %w", req.GetMaxRounds(), ErrInvalidArgument)
 	}
 	if req.GetBandwidthBytesPerSecond() < 0 {
-		return "", "", fmt.Errorf("bandwidth %d: negative: %w", req.GetBandwidthBytesPerSecond(), ErrInvalidArgument)
+		return "", fmt.Errorf("bandwidth %d: negative: %w", req.GetBandwidthBytesPerSecond(), ErrInvalidArgument)
 	}
 	if id := req.GetMigrationId(); id != "" && !migrationIDRE.MatchString(id) {
-		return "", "", fmt.Errorf("migration_id %q: must match %s: %w", id, nameRE, ErrInvalidArgument)
+		return "", fmt.Errorf("migration_id %q: must match %s: %w", id, nameRE, ErrInvalidArgument)
 	}
-	switch req.GetMode() {
+	switch m := req.GetMode(); m {
 	case "", "auto":
-		return "stopcopy", "no soft-dirty memory tracking on this kernel for pre-copy, and post-copy is not built yet: stop-and-copy", nil
-	case "stopcopy":
-		return "stopcopy", "requested", nil
-	case "precopy":
-		return "", "", fmt.Errorf("mode precopy: this kernel has no soft-dirty memory tracking (criu check --feature mem_dirty_track): %w", ErrFailedPrecondition)
-	case "postcopy":
-		return "", "", fmt.Errorf("mode postcopy: not built yet on this agent: %w", ErrFailedPrecondition)
+		return "auto", nil
+	case migrate.ModeStopCopy, migrate.ModePostCopy, migrate.ModePreCopy:
+		return m, nil
 	}
-	return "", "", fmt.Errorf("mode %q: want auto, precopy, postcopy or stopcopy: %w", req.GetMode(), ErrInvalidArgument)
+	return "", fmt.Errorf("mode %q: want auto, precopy, postcopy or stopcopy: %w", req.GetMode(), ErrInvalidArgument)
+}
+
+// chooseMode settles the mode from the request and both ends' features.
+func (a *Agent) chooseMode(requested string, here, peer *api.MigrationFeatures, peerNode string, p migrate.Prediction) (string, string, error) {
+	switch requested {
+	case migrate.ModeStopCopy:
+		return requested, "requested", nil
+	case migrate.ModePreCopy:
+		if !here.GetMemDirtyTrack() {
+			return "", "", fmt.Errorf("mode precopy: this kernel has no soft-dirty memory tracking (criu check --feature mem_dirty_track): %w", ErrFailedPrecondition)
+		}
+		return "", "", fmt.Errorf("mode precopy: pre-dump rounds are not built into this agent yet: %w", ErrFailedPrecondition)
+	case migrate.ModePostCopy:
+		if !here.GetLazyPages() {
+			return "", "", fmt.Errorf("mode postcopy: this node cannot serve lazy pages: %s: %w", here.GetLazyPagesReason(), ErrFailedPrecondition)
+		}
+		if !peer.GetLazyPages() {
+			return "", "", fmt.Errorf("mode postcopy: peer %s cannot take lazy pages: %s: %w", peerNode, peer.GetLazyPagesReason(), ErrFailedPrecondition)
+		}
+		return requested, "requested", nil
+	}
+	f := autoFeatures(here, peer)
+	// Pre-dump rounds are not built yet: auto chooses between the others.
+	f.Source.MemDirtyTrack = false
+	mode, why := migrate.AutoMode(f, p)
+	return mode, why, nil
+}
+
+// peerBandwidth is the bandwidth auto mode predicts with: the cap, or what
+// the last migration to that node measured.
+func (a *Agent) peerBandwidth(peerNode string, limit int64) float64 {
+	var bw float64
+	a.mu.Lock()
+	var last *api.Migration
+	for _, m := range a.migrations {
+		if m.PeerNode == peerNode && m.State == MigrationSucceeded && m.TransferMs >= 50 && m.BytesSent >= 4<<20 &&
+			(last == nil || m.StartedAt > last.StartedAt) {
+			last = m
+		}
+	}
+	if last != nil {
+		bw = float64(last.BytesSent) / (float64(last.TransferMs) / 1000)
+	}
+	a.mu.Unlock()
+	if limit > 0 && (bw == 0 || float64(limit) < bw) {
+		bw = float64(limit)
+	}
+	return bw
+}
+
+// memoryOf is the container's memory working set, what a dump writes.
+func (a *Agent) memoryOf(name string) int64 {
+	for _, c := range a.NodeReport().Containers {
+		if c.ID == name && c.Usage != nil {
+			return c.Usage.MemoryWorkingSet
+		}
+	}
+	return 0
+}
+
+// runningMigration lets CancelMigration reach a migration before its freeze.
+type runningMigration struct {
+	cancel context.CancelCauseFunc
+	frozen bool
+}
+
+// CancelMigration stops a migration that has not frozen the container yet.
+func (a *Agent) CancelMigration(ctx context.Context, id string) (*api.Migration, error) {
+	a.mu.Lock()
+	r, ok := a.running[id]
+	if ok && !r.frozen {
+		r.cancel(fmt.Errorf("migration %s: %w", id, ErrCanceled))
+	}
+	a.mu.Unlock()
+	if !ok {
+		if m, err := a.GetMigration(id); err == nil {
+			return nil, fmt.Errorf("migration %q: already %s: %w", id, m.State, ErrFailedPrecondition)
+		}
+		return nil, fmt.Errorf("migration %q: %w", id, ErrNotFound)
+	}
+	if r.frozen {
+		return nil, fmt.Errorf("migration %q: the container is frozen already; the migration ends by itself, moved or rolled back: %w", id, ErrFailedPrecondition)
+	}
+	// Wait for it to wind down (it saves its record as it ends).
+	for {
+		m, err := a.GetMigration(id)
+		if err == nil && m.State != MigrationRunning {
+			return m, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 // Migrate moves the running container req.Name to the peer agent: handshake
 // and preparation on the peer, freeze, final dump (the tasks stay frozen
 // here), transfer of the images, the upper layer and the log inside the
-// mutual-TLS channel, restore on the peer. Only the peer's confirmation
-// lets this agent delete its copy; any failure before it thaws the
-// container here, where it was, and has the peer remove what it made.
+// mutual-TLS channel, restore on the peer. In post-copy the dump leaves the
+// memory in CRIU's page server, the peer restores without it and fetches
+// pages on fault through a tunnel in the same channel. Only the peer's
+// confirmation (post-copy: its last page in) lets this agent delete its
+// copy; any failure before it thaws the container here, where it was, and
+// has the peer remove what it made.
 func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress func(*api.Migration)) (_ *api.Migration, retErr error) {
-	mode, reason, err := a.validateMigrate(req)
+	requested, err := a.validateMigrate(req)
 	if err != nil {
 		return nil, err
 	}
@@ -173,14 +271,26 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 	defer c.op.Unlock()
 	a.mu.Lock()
 	st, rec := c.state(), c.rec
+	if _, dup := a.running[id]; dup {
+		a.mu.Unlock()
+		return nil, fmt.Errorf("migration %q: already running: %w", id, ErrAlreadyExists)
+	}
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	run := &runningMigration{cancel: cancel}
+	a.running[id] = run
 	a.mu.Unlock()
+	defer func() {
+		a.mu.Lock()
+		delete(a.running, id)
+		a.mu.Unlock()
+	}()
 	if st != StateRunning {
 		return nil, fmt.Errorf("container %q: %s, not running: %w", c.name, st, ErrFailedPrecondition)
 	}
 	log := a.log.With("container", c.name, "migration", id, "peer", req.GetPeer())
 	start := time.Now()
-	m := &api.Migration{Id: id, Container: c.name, Peer: req.GetPeer(), Mode: mode, ModeReason: reason,
-		Phase: "handshake", State: MigrationRunning, StartedAt: ts(start)}
+	m := &api.Migration{Id: id, Container: c.name, Peer: req.GetPeer(), Phase: "handshake", State: MigrationRunning, StartedAt: ts(start)}
 	report := func(phase string) {
 		m.Phase = phase
 		m.TotalMs = time.Since(start).Milliseconds()
@@ -191,9 +301,14 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		log.Info("migration", "phase", phase)
 	}
 	report("handshake")
+	var settleAfter func() // set when the outcome is left to settle with the peer
 	defer func() {
 		m.FinishedAt, m.TotalMs = ts(time.Now()), time.Since(start).Milliseconds()
 		if retErr != nil {
+			if cause := context.Cause(ctx); errors.Is(cause, ErrCanceled) {
+				retErr = cause
+				m.State = MigrationCanceled
+			}
 			m.Error = retErr.Error()
 			if m.State == MigrationRunning {
 				m.State = MigrationFailed
@@ -203,6 +318,9 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		if progress != nil {
 			progress(proto.Clone(m).(*api.Migration))
 		}
+		if settleAfter != nil {
+			settleAfter()
+		}
 	}()
 
 	peer, err := client.DialTLS(req.GetPeer(), a.cfg.TLSDir)
@@ -210,9 +328,9 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		return nil, fmt.Errorf("peer %q: %w", req.GetPeer(), err)
 	}
 	defer func() { _ = peer.Close() }()
-	hctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	hctx, hcancel := context.WithTimeout(ctx, 10*time.Second)
 	v, err := peer.Version(hctx, &api.VersionRequest{})
-	cancel()
+	hcancel()
 	if err != nil {
 		return nil, fmt.Errorf("peer %q: handshake: %w", req.GetPeer(), err)
 	}
@@ -223,6 +341,17 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 	if v.CgroupMode != cgroup.Mode() {
 		log.Warn("peer runs another cgroup mode", "here", cgroup.Mode(), "peer", v.CgroupMode)
 	}
+	pred := migrate.Prediction{MemoryBytes: a.memoryOf(c.name), Bandwidth: a.peerBandwidth(v.NodeName, req.GetBandwidthBytesPerSecond()),
+		DowntimeTarget: time.Duration(req.GetMaxDowntimeMs()) * time.Millisecond}
+	mode, reason, err := a.chooseMode(requested, a.MigrationFeatures(), v.GetFeatures(), v.NodeName, pred)
+	if err != nil {
+		return nil, err
+	}
+	m.Mode, m.ModeReason = mode, reason
+	if d := pred.StopCopyDowntime(); mode == migrate.ModeStopCopy && d != migrate.UnknownDowntime {
+		m.PredictedDowntimeMs = d.Milliseconds()
+	}
+	postcopy := mode == migrate.ModePostCopy
 
 	spec := rec.Spec
 	spec.IP = rec.IP // the address moves with the container
@@ -231,21 +360,34 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		return nil, err
 	}
 	report("prepare")
-	pctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	pctx, pcancel := context.WithTimeout(ctx, 60*time.Second)
 	_, err = peer.PrepareIncoming(pctx, &api.PrepareIncomingRequest{MigrationId: id, SourceNode: a.cfg.NodeName,
-		AgentVersion: a.cfg.Version, CriuVersion: a.criuVersion, CgroupMode: cgroup.Mode(), SpecJson: specJSON})
-	cancel()
+		AgentVersion: a.cfg.Version, CriuVersion: a.criuVersion, CgroupMode: cgroup.Mode(), SpecJson: specJSON, Mode: mode})
+	pcancel()
 	if err != nil {
+		if cause := context.Cause(ctx); errors.Is(cause, ErrCanceled) {
+			err = cause
+		}
 		return nil, fmt.Errorf("peer %s refused: %w", v.NodeName, err)
 	}
-	confirmed := false
-	defer func() {
-		if retErr != nil && !confirmed {
-			actx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			if _, err := peer.AbortIncoming(actx, &api.AbortIncomingRequest{MigrationId: id, Reason: retErr.Error()}); err != nil {
-				log.Warn("peer abort", "err", err)
+	confirmed, frozen, peerMayRun := false, false, false
+	aborted := false
+	var abortErr error
+	abortPeer := func(reason string) error {
+		if !aborted {
+			aborted = true
+			actx, acancel := context.WithTimeout(context.Background(), 60*time.Second)
+			_, abortErr = peer.AbortIncoming(actx, &api.AbortIncomingRequest{MigrationId: id, Reason: reason})
+			acancel()
+			if abortErr != nil {
+				log.Warn("peer abort", "err", abortErr)
 			}
-			cancel()
+		}
+		return abortErr
+	}
+	defer func() {
+		if retErr != nil && !confirmed && !frozen {
+			_ = abortPeer(retErr.Error())
 		}
 	}()
 
@@ -260,38 +402,79 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		return nil, err
 	}
 
+	// The last moment a cancel is honoured.
+	a.mu.Lock()
+	if err := context.Cause(ctx); err != nil {
+		a.mu.Unlock()
+		return nil, err
+	}
+	run.frozen = true
+	a.mu.Unlock()
+	// From here the migration ends by itself; the caller going away
+	// (ferryctl interrupted) must not cut it short.
+	ctx = context.WithoutCancel(ctx)
+
 	report("freeze")
 	frozeAt := time.Now()
 	if err := lc.Pause(); err != nil {
 		return nil, fmt.Errorf("freeze: %w", err)
 	}
+	frozen = true
 	deactivated := false
+	var lazy *lazyDump
 	defer func() {
-		if retErr != nil && !confirmed {
-			m.Phase, m.State = "rollback", MigrationRolledBack
-			defer func() { m.FrozenMs = time.Since(frozeAt).Milliseconds() }() // frozen until the thaw
-			if deactivated {
-				if err := a.net.Activate(context.Background(), c.name); err != nil {
-					log.Error("rollback: network", "err", err)
-				}
-			}
-			if err := lc.Resume(); err != nil {
-				log.Error("rollback: thaw", "err", err)
-				m.State = MigrationFailed
-			}
-			log.Warn("migration rolled back; the container runs here again", "err", retErr)
+		if retErr == nil || confirmed {
+			return
 		}
+		// The peer's copy goes first, so that the container never runs
+		// on both nodes at once.
+		aerr := abortPeer(retErr.Error())
+		if lazy != nil {
+			// CRIU resumes the tasks as it found them: frozen. Without
+			// their page source a copy on the peer cannot go on.
+			if err := lazy.abort(); err != nil {
+				log.Warn("rollback: lazy dump", "err", err)
+			}
+		}
+		if peerMayRun && aerr != nil {
+			// The peer may run the container and did not say it removed
+			// it: this copy stays frozen until the peer answers.
+			m.Phase, m.State = "settle", MigrationFailed
+			retErr = fmt.Errorf("%w; the peer did not confirm it removed its copy (%w): the container stays frozen here until the peer answers", retErr, aerr)
+			settleAfter = func() { a.settleInBackground(proto.Clone(m).(*api.Migration), c, lc) }
+			return
+		}
+		m.Phase, m.State = "rollback", MigrationRolledBack
+		defer func() { m.FrozenMs = time.Since(frozeAt).Milliseconds() }() // frozen until the thaw
+		if deactivated {
+			if err := a.net.Activate(context.Background(), c.name); err != nil {
+				log.Error("rollback: network", "err", err)
+			}
+		}
+		if err := lc.Resume(); err != nil {
+			log.Error("rollback: thaw", "err", err)
+			m.State = MigrationFailed
+		}
+		log.Warn("migration rolled back; the container runs here again", "err", retErr)
 	}()
 	report("dump")
 	dumpStart := time.Now()
-	err = lc.Checkpoint(&libcontainer.CriuOpts{ImagesDirectory: images, WorkDirectory: filepath.Join(work, "criu"),
-		LeaveRunning: true, TcpEstablished: true, FileLocks: true})
+	criuWork := filepath.Join(work, "criu")
+	if postcopy {
+		lazy, err = a.startLazyDump(ctx, lc, images, criuWork)
+	} else {
+		err = lc.Checkpoint(&libcontainer.CriuOpts{ImagesDirectory: images, WorkDirectory: criuWork,
+			LeaveRunning: true, TcpEstablished: true, FileLocks: true})
+		if err != nil {
+			err = fmt.Errorf("dump: %w%s", err, criuLogTail(filepath.Join(criuWork, "dump.log")))
+		}
+	}
 	m.DumpMs = time.Since(dumpStart).Milliseconds()
 	if err != nil {
-		return nil, fmt.Errorf("dump: %w", err)
+		return nil, err
 	}
 	// CRIU writes its stats into the work directory when one is given.
-	if ds, err := migrate.ReadDumpStats(filepath.Join(work, "criu")); err == nil {
+	if ds, err := migrate.ReadDumpStats(criuWork); err == nil {
 		m.CriuFrozenMs = ds.FrozenTime.Milliseconds()
 		m.PagesWritten = int64(ds.PagesWritten)
 	}
@@ -305,9 +488,10 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 	}
 
 	report("transfer")
+	pace := newPacer(req.GetBandwidthBytesPerSecond())
 	xferStart := time.Now()
 	lastReport := time.Now()
-	sent, err := a.sendImages(ctx, peer, id, images, c, func(n int64) {
+	sent, err := a.sendImages(ctx, peer, id, images, c, pace, func(n int64) {
 		if time.Since(lastReport) < 200*time.Millisecond || progress == nil {
 			return
 		}
@@ -320,19 +504,43 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		return nil, fmt.Errorf("transfer: %w", err)
 	}
 
+	var pages atomic.Int64
+	var tunnel <-chan error
+	tctx, tcancel := context.WithCancel(ctx)
+	defer tcancel()
+	if postcopy {
+		// The tunnel is up before the restore: the peer's lazy-pages
+		// daemon connects while the restore runs.
+		if tunnel, err = a.openTunnel(tctx, peer.FerryClient, id, lazy.conn, pace, &pages); err != nil {
+			return nil, fmt.Errorf("page tunnel: %w", err)
+		}
+	}
+
 	report("restore")
-	rctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	peerMayRun = true
+	rctx, rcancel := context.WithTimeout(ctx, 5*time.Minute)
 	rr, err := peer.RestoreIncoming(rctx, &api.RestoreIncomingRequest{MigrationId: id})
-	cancel()
+	rcancel()
 	if err != nil {
+		// An answer from the peer means it removed its copy; a lost
+		// call leaves open whether it runs one.
+		peerMayRun = lostCall(err)
 		return nil, fmt.Errorf("restore on %s: %w", v.NodeName, err)
 	}
-	confirmed = true
 	m.RestoreMs = rr.RestoreMs
+	m.FrozenMs = time.Since(frozeAt).Milliseconds()
+	if postcopy {
+		// The container runs on the peer; this copy stays frozen and
+		// serves its pages until the peer has them all.
+		report("postcopy")
+		if err := a.awaitPostcopy(ctx, peer, id, lazy, tunnel, &pages, m, progress, start); err != nil {
+			return nil, fmt.Errorf("post-copy: %w", err)
+		}
+	}
+	confirmed = true
 	if err := failpoint.Check("source-after-confirm"); err != nil {
 		log.Warn("failpoint", "err", err)
 	}
-	m.FrozenMs = time.Since(frozeAt).Milliseconds()
 
 	report("cleanup")
 	if err := a.finishMigratedAway(c, v.NodeName); err != nil {
@@ -342,10 +550,70 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 	m.State = MigrationSucceeded
 	m.Phase = "done"
 	a.events.Publish(Event{Type: EventContainerMigrated, Container: c.name, Message: "migrated to " + v.NodeName,
-		Attrs: map[string]string{"peer": req.GetPeer(), "peer_node": v.NodeName, "migration": id,
+		Attrs: map[string]string{"peer": req.GetPeer(), "peer_node": v.NodeName, "migration": id, "mode": mode,
 			"frozen_ms": fmt.Sprint(m.FrozenMs)}})
-	log.Info("migration done", "frozen_ms", m.FrozenMs, "total_ms", time.Since(start).Milliseconds(), "bytes", m.BytesSent)
+	log.Info("migration done", "mode", mode, "frozen_ms", m.FrozenMs, "total_ms", time.Since(start).Milliseconds(), "bytes", m.BytesSent)
 	return m, nil
+}
+
+// lostCall tells a call whose outcome on the peer is unknown (the channel
+// broke or timed out) from one the peer answered.
+func lostCall(err error) bool {
+	switch status.Code(err) {
+	case codes.Unavailable, codes.DeadlineExceeded, codes.Canceled, codes.Unknown:
+		return true
+	}
+	return false
+}
+
+// awaitPostcopy follows the page traffic after the peer's restore: the
+// dump here ends once every page is served, and the peer confirms that it
+// has them all.
+func (a *Agent) awaitPostcopy(ctx context.Context, peer *client.Client, id string, lazy *lazyDump, tunnel <-chan error,
+	pages *atomic.Int64, m *api.Migration, progress func(*api.Migration), start time.Time) error {
+	base := m.BytesSent
+	pcStart := time.Now()
+	complete := make(chan error, 1)
+	var pcMs int64
+	go func() {
+		r, err := peer.CompleteIncoming(ctx, &api.CompleteIncomingRequest{MigrationId: id})
+		if err == nil {
+			pcMs = r.PostcopyMs
+		}
+		complete <- err
+	}()
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	var dumpErr, tunnelErr, completeErr error
+	dumpDone, tunnelDone, completeDone := false, false, false
+	for !(dumpDone && tunnelDone && completeDone) {
+		select {
+		case dumpErr = <-lazy.done:
+			lazy.done <- dumpErr
+			dumpDone = true
+		case tunnelErr = <-tunnel:
+			tunnelDone = true
+		case completeErr = <-complete:
+			completeDone = true
+		case <-tick.C:
+			if progress != nil {
+				m.BytesSent, m.PostcopyBytes = base+pages.Load(), pages.Load()
+				m.TotalMs = time.Since(start).Milliseconds()
+				progress(proto.Clone(m).(*api.Migration))
+			}
+			continue
+		}
+		if err := errors.Join(dumpErr, tunnelErr, completeErr); err != nil {
+			return err
+		}
+	}
+	_ = lazy.ns.Close()
+	m.BytesSent, m.PostcopyBytes = base+pages.Load(), pages.Load()
+	m.PostcopyMs = pcMs
+	if m.PostcopyMs == 0 {
+		m.PostcopyMs = time.Since(pcStart).Milliseconds()
+	}
+	return nil
 }
 
 // finishMigratedAway deletes the local copy of a container that now runs on
@@ -377,13 +645,14 @@ func (a *Agent) finishMigratedAway(c *container, peerNode string) error {
 }
 
 // sendImages streams the images, the upper layer and the log to the peer.
-func (a *Agent) sendImages(ctx context.Context, peer *client.Client, id, images string, c *container, sentSoFar func(int64)) (int64, error) {
+func (a *Agent) sendImages(ctx context.Context, peer *client.Client, id, images string, c *container, pace *pacer, sentSoFar func(int64)) (int64, error) {
 	stream, err := peer.SendImages(ctx)
 	if err != nil {
 		return 0, err
 	}
 	w := &chunkWriter{id: id}
 	w.send = func(ch *api.ImageChunk) error {
+		pace.wait(len(ch.Data))
 		err := stream.Send(ch)
 		sentSoFar(w.n)
 		return err
@@ -495,25 +764,30 @@ func (a *Agent) recoverMigrations() {
 		a.mu.Lock()
 		c.reason = fmt.Sprintf("frozen by migration %s to %s, interrupted by a ferryd restart; settling with the peer", m.Id, m.Peer)
 		a.mu.Unlock()
-		m := m
-		a.watchers.Add(1)
-		go func() {
-			defer a.watchers.Done()
-			for try := 0; ; try++ {
-				done, err := a.settleInterrupted(m, c, lc)
-				if done {
-					return
-				}
-				a.log.Warn("interrupted migration not settled yet", "migration", m.Id, "container", c.name, "err", err)
-				select {
-				case <-a.done:
-					return
-				case <-time.After(10 * time.Second):
-				}
-			}
-		}()
+		a.settleInBackground(m, c, lc)
 	}
 	a.interrupted = nil
+}
+
+// settleInBackground settles with the peer, until it answers, a migration
+// whose container is frozen here and may run there.
+func (a *Agent) settleInBackground(m *api.Migration, c *container, lc *libcontainer.Container) {
+	a.watchers.Add(1)
+	go func() {
+		defer a.watchers.Done()
+		for {
+			done, err := a.settleInterrupted(m, c, lc)
+			if done {
+				return
+			}
+			a.log.Warn("interrupted migration not settled yet", "migration", m.Id, "container", c.name, "err", err)
+			select {
+			case <-a.done:
+				return
+			case <-time.After(5 * time.Second):
+			}
+		}
+	}()
 }
 
 func (a *Agent) settleInterrupted(m *api.Migration, c *container, lc *libcontainer.Container) (bool, error) {

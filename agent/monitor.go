@@ -58,14 +58,24 @@ type monitorReply struct {
 
 // monitorCommand builds the command that starts a monitor for the container
 // in dir. The ready pipe's write end becomes the monitor's fd 3.
-func monitorCommand(self, dir, lcRoot string, logMax int64, restoreFrom string, ready *os.File) (*exec.Cmd, error) {
+// restoreSource says where a monitor restores its container from; the zero
+// value starts it instead.
+type restoreSource struct {
+	images string
+	lazy   bool // post-copy: memory comes from a running criu lazy-pages
+}
+
+func monitorCommand(self, dir, lcRoot string, logMax int64, restore restoreSource, ready *os.File) (*exec.Cmd, error) {
 	out, err := os.OpenFile(filepath.Join(dir, monitorLog), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("monitor log: %w", err)
 	}
 	args := []string{"monitor", "--dir", dir, "--lc-root", lcRoot, "--log-max", strconv.FormatInt(logMax, 10)}
-	if restoreFrom != "" {
-		args = append(args, "--restore", restoreFrom)
+	if restore.images != "" {
+		args = append(args, "--restore", restore.images)
+		if restore.lazy {
+			args = append(args, "--lazy-pages")
+		}
 	}
 	cmd := exec.Command(self, args...)
 	cmd.Stdout, cmd.Stderr = out, out
@@ -86,6 +96,7 @@ func RunMonitor(args []string) int {
 	lcRoot := fs.String("lc-root", "", "libcontainer state root")
 	logMax := fs.Int64("log-max", 10<<20, "log size cap in bytes")
 	restore := fs.String("restore", "", "restore the container from these CRIU images instead of starting it")
+	lazy := fs.Bool("lazy-pages", false, "restore its memory from the criu lazy-pages daemon whose socket is in IMAGES-work")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -102,7 +113,7 @@ func RunMonitor(args []string) int {
 		_ = ready.Close()
 		ready = nil
 	}
-	code, err := monitor(*dir, *lcRoot, *logMax, *restore, log, func(ii *initInfo) { reply(monitorReply{Init: ii}) })
+	code, err := monitor(*dir, *lcRoot, *logMax, restoreSource{images: *restore, lazy: *lazy}, log, func(ii *initInfo) { reply(monitorReply{Init: ii}) })
 	if err != nil {
 		log.Error("monitor failed", "err", err)
 		reply(monitorReply{Error: err.Error()})
@@ -111,7 +122,7 @@ func RunMonitor(args []string) int {
 	return code
 }
 
-func monitor(dir, lcRoot string, logMax int64, restoreFrom string, log *slog.Logger, started func(*initInfo)) (int, error) {
+func monitor(dir, lcRoot string, logMax int64, restore restoreSource, log *slog.Logger, started func(*initInfo)) (int, error) {
 	// The restored or started init is our child; orphans below it come to us.
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		return 0, fmt.Errorf("set child subreaper: %w", err)
@@ -146,12 +157,12 @@ func monitor(dir, lcRoot string, logMax int64, restoreFrom string, log *slog.Log
 		Args: spec.Args, Env: spec.processEnv(), Cwd: spec.Cwd,
 		Stdout: w, Stderr: w, Init: true,
 	}
-	if restoreFrom != "" {
+	if restore.images != "" {
 		// The restored tasks' stdout and stderr are re-attached to our pipe
 		// (libcontainer maps the dumped pipes to the process's stdio).
 		err = c.Restore(p, &libcontainer.CriuOpts{
-			ImagesDirectory: restoreFrom, WorkDirectory: restoreFrom + "-work",
-			TcpEstablished: true, FileLocks: true,
+			ImagesDirectory: restore.images, WorkDirectory: restore.images + "-work",
+			TcpEstablished: true, FileLocks: true, LazyPages: restore.lazy, StatusFd: -1,
 		})
 		if err != nil {
 			_ = w.Close()

@@ -53,7 +53,8 @@ func kernelRelease() string {
 func (s *Server) Version(context.Context, *api.VersionRequest) (*api.VersionResponse, error) {
 	v := s.a.Version()
 	return &api.VersionResponse{AgentVersion: v.Agent, NodeName: v.Node, CriuVersion: v.Criu,
-		CgroupMode: v.CgroupMode, GoVersion: runtime.Version(), Kernel: kernelRelease()}, nil
+		CgroupMode: v.CgroupMode, GoVersion: runtime.Version(), Kernel: kernelRelease(),
+		Features: s.a.MigrationFeatures()}, nil
 }
 
 func resources(r *api.Resources) cgroup.Amount {
@@ -324,4 +325,27 @@ func (s *Server) AbortIncoming(ctx context.Context, req *api.AbortIncomingReques
 		return nil, toStatus(err)
 	}
 	return &api.AbortIncomingResponse{}, nil
+}
+
+// PageTunnel implements api.FerryServer.
+func (s *Server) PageTunnel(stream api.Ferry_PageTunnelServer) error {
+	if err := s.peerOnly("PageTunnel"); err != nil {
+		return err
+	}
+	return toStatus(s.a.PageTunnel(stream.Context(), stream.Recv, stream.Send))
+}
+
+// CompleteIncoming implements api.FerryServer.
+func (s *Server) CompleteIncoming(ctx context.Context, req *api.CompleteIncomingRequest) (*api.CompleteIncomingResponse, error) {
+	if err := s.peerOnly("CompleteIncoming"); err != nil {
+		return nil, err
+	}
+	r, err := s.a.CompleteIncoming(ctx, req.GetMigrationId())
+	return r, toStatus(err)
+}
+
+// CancelMigration implements api.FerryServer.
+func (s *Server) CancelMigration(ctx context.Context, req *api.CancelMigrationRequest) (*api.Migration, error) {
+	m, err := s.a.CancelMigration(ctx, req.GetId())
+	return m, toStatus(err)
 }

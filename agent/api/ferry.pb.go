@@ -66,9 +66,11 @@ type VersionResponse struct {
 	NodeName     string                 `protobuf:"bytes,2,opt,name=node_name,json=nodeName,proto3" json:"node_name,omitempty"`
 	CriuVersion  string                 `protobuf:"bytes,3,opt,name=criu_version,json=criuVersion,proto3" json:"criu_version,omitempty"`
 	// "v1" (legacy or hybrid hierarchy) or "v2" (unified).
-	CgroupMode    string `protobuf:"bytes,4,opt,name=cgroup_mode,json=cgroupMode,proto3" json:"cgroup_mode,omitempty"`
-	GoVersion     string `protobuf:"bytes,5,opt,name=go_version,json=goVersion,proto3" json:"go_version,omitempty"`
-	Kernel        string `protobuf:"bytes,6,opt,name=kernel,proto3" json:"kernel,omitempty"`
+	CgroupMode string `protobuf:"bytes,4,opt,name=cgroup_mode,json=cgroupMode,proto3" json:"cgroup_mode,omitempty"`
+	GoVersion  string `protobuf:"bytes,5,opt,name=go_version,json=goVersion,proto3" json:"go_version,omitempty"`
+	Kernel     string `protobuf:"bytes,6,opt,name=kernel,proto3" json:"kernel,omitempty"`
+	// What CRIU can do on this node, for choosing a migration mode.
+	Features      *MigrationFeatures `protobuf:"bytes,7,opt,name=features,proto3" json:"features,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -145,6 +147,77 @@ func (x *VersionResponse) GetKernel() string {
 	return ""
 }
 
+func (x *VersionResponse) GetFeatures() *MigrationFeatures {
+	if x != nil {
+		return x.Features
+	}
+	return nil
+}
+
+type MigrationFeatures struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// criu check --feature mem_dirty_track: pre-dump (pre-copy) works.
+	MemDirtyTrack bool `protobuf:"varint,1,opt,name=mem_dirty_track,json=memDirtyTrack,proto3" json:"mem_dirty_track,omitempty"`
+	// criu check --feature uffd-noncoop, and CRIU's page pipes fit
+	// (CAP_SYS_RESOURCE or fs.pipe-max-size >= 4 MiB): post-copy works.
+	LazyPages bool `protobuf:"varint,2,opt,name=lazy_pages,json=lazyPages,proto3" json:"lazy_pages,omitempty"`
+	// Why lazy_pages is false, when it is.
+	LazyPagesReason string `protobuf:"bytes,3,opt,name=lazy_pages_reason,json=lazyPagesReason,proto3" json:"lazy_pages_reason,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *MigrationFeatures) Reset() {
+	*x = MigrationFeatures{}
+	mi := &file_ferry_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MigrationFeatures) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MigrationFeatures) ProtoMessage() {}
+
+func (x *MigrationFeatures) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MigrationFeatures.ProtoReflect.Descriptor instead.
+func (*MigrationFeatures) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *MigrationFeatures) GetMemDirtyTrack() bool {
+	if x != nil {
+		return x.MemDirtyTrack
+	}
+	return false
+}
+
+func (x *MigrationFeatures) GetLazyPages() bool {
+	if x != nil {
+		return x.LazyPages
+	}
+	return false
+}
+
+func (x *MigrationFeatures) GetLazyPagesReason() string {
+	if x != nil {
+		return x.LazyPagesReason
+	}
+	return ""
+}
+
 // Resources is a CPU and memory amount: a guarantee or a ceiling.
 type Resources struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -158,7 +231,7 @@ type Resources struct {
 
 func (x *Resources) Reset() {
 	*x = Resources{}
-	mi := &file_ferry_proto_msgTypes[2]
+	mi := &file_ferry_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -170,7 +243,7 @@ func (x *Resources) String() string {
 func (*Resources) ProtoMessage() {}
 
 func (x *Resources) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[2]
+	mi := &file_ferry_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -183,7 +256,7 @@ func (x *Resources) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resources.ProtoReflect.Descriptor instead.
 func (*Resources) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{2}
+	return file_ferry_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Resources) GetCpuCores() float64 {
@@ -226,7 +299,7 @@ type RunContainerRequest struct {
 
 func (x *RunContainerRequest) Reset() {
 	*x = RunContainerRequest{}
-	mi := &file_ferry_proto_msgTypes[3]
+	mi := &file_ferry_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -238,7 +311,7 @@ func (x *RunContainerRequest) String() string {
 func (*RunContainerRequest) ProtoMessage() {}
 
 func (x *RunContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[3]
+	mi := &file_ferry_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -251,7 +324,7 @@ func (x *RunContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunContainerRequest.ProtoReflect.Descriptor instead.
 func (*RunContainerRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{3}
+	return file_ferry_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *RunContainerRequest) GetName() string {
@@ -384,7 +457,7 @@ type Container struct {
 
 func (x *Container) Reset() {
 	*x = Container{}
-	mi := &file_ferry_proto_msgTypes[4]
+	mi := &file_ferry_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -396,7 +469,7 @@ func (x *Container) String() string {
 func (*Container) ProtoMessage() {}
 
 func (x *Container) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[4]
+	mi := &file_ferry_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -409,7 +482,7 @@ func (x *Container) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Container.ProtoReflect.Descriptor instead.
 func (*Container) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{4}
+	return file_ferry_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Container) GetName() string {
@@ -574,7 +647,7 @@ type ListContainersRequest struct {
 
 func (x *ListContainersRequest) Reset() {
 	*x = ListContainersRequest{}
-	mi := &file_ferry_proto_msgTypes[5]
+	mi := &file_ferry_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -586,7 +659,7 @@ func (x *ListContainersRequest) String() string {
 func (*ListContainersRequest) ProtoMessage() {}
 
 func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[5]
+	mi := &file_ferry_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -599,7 +672,7 @@ func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersRequest.ProtoReflect.Descriptor instead.
 func (*ListContainersRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{5}
+	return file_ferry_proto_rawDescGZIP(), []int{6}
 }
 
 type ListContainersResponse struct {
@@ -611,7 +684,7 @@ type ListContainersResponse struct {
 
 func (x *ListContainersResponse) Reset() {
 	*x = ListContainersResponse{}
-	mi := &file_ferry_proto_msgTypes[6]
+	mi := &file_ferry_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -623,7 +696,7 @@ func (x *ListContainersResponse) String() string {
 func (*ListContainersResponse) ProtoMessage() {}
 
 func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[6]
+	mi := &file_ferry_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -636,7 +709,7 @@ func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersResponse.ProtoReflect.Descriptor instead.
 func (*ListContainersResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{6}
+	return file_ferry_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ListContainersResponse) GetContainers() []*Container {
@@ -655,7 +728,7 @@ type GetContainerRequest struct {
 
 func (x *GetContainerRequest) Reset() {
 	*x = GetContainerRequest{}
-	mi := &file_ferry_proto_msgTypes[7]
+	mi := &file_ferry_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -667,7 +740,7 @@ func (x *GetContainerRequest) String() string {
 func (*GetContainerRequest) ProtoMessage() {}
 
 func (x *GetContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[7]
+	mi := &file_ferry_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -680,7 +753,7 @@ func (x *GetContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetContainerRequest.ProtoReflect.Descriptor instead.
 func (*GetContainerRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{7}
+	return file_ferry_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *GetContainerRequest) GetName() string {
@@ -701,7 +774,7 @@ type StopContainerRequest struct {
 
 func (x *StopContainerRequest) Reset() {
 	*x = StopContainerRequest{}
-	mi := &file_ferry_proto_msgTypes[8]
+	mi := &file_ferry_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -713,7 +786,7 @@ func (x *StopContainerRequest) String() string {
 func (*StopContainerRequest) ProtoMessage() {}
 
 func (x *StopContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[8]
+	mi := &file_ferry_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -726,7 +799,7 @@ func (x *StopContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopContainerRequest.ProtoReflect.Descriptor instead.
 func (*StopContainerRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{8}
+	return file_ferry_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *StopContainerRequest) GetName() string {
@@ -754,7 +827,7 @@ type RemoveContainerRequest struct {
 
 func (x *RemoveContainerRequest) Reset() {
 	*x = RemoveContainerRequest{}
-	mi := &file_ferry_proto_msgTypes[9]
+	mi := &file_ferry_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -766,7 +839,7 @@ func (x *RemoveContainerRequest) String() string {
 func (*RemoveContainerRequest) ProtoMessage() {}
 
 func (x *RemoveContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[9]
+	mi := &file_ferry_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -779,7 +852,7 @@ func (x *RemoveContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveContainerRequest.ProtoReflect.Descriptor instead.
 func (*RemoveContainerRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{9}
+	return file_ferry_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RemoveContainerRequest) GetName() string {
@@ -804,7 +877,7 @@ type RemoveContainerResponse struct {
 
 func (x *RemoveContainerResponse) Reset() {
 	*x = RemoveContainerResponse{}
-	mi := &file_ferry_proto_msgTypes[10]
+	mi := &file_ferry_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -816,7 +889,7 @@ func (x *RemoveContainerResponse) String() string {
 func (*RemoveContainerResponse) ProtoMessage() {}
 
 func (x *RemoveContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[10]
+	mi := &file_ferry_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -829,7 +902,7 @@ func (x *RemoveContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveContainerResponse.ProtoReflect.Descriptor instead.
 func (*RemoveContainerResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{10}
+	return file_ferry_proto_rawDescGZIP(), []int{11}
 }
 
 type ExecRequest struct {
@@ -843,7 +916,7 @@ type ExecRequest struct {
 
 func (x *ExecRequest) Reset() {
 	*x = ExecRequest{}
-	mi := &file_ferry_proto_msgTypes[11]
+	mi := &file_ferry_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -855,7 +928,7 @@ func (x *ExecRequest) String() string {
 func (*ExecRequest) ProtoMessage() {}
 
 func (x *ExecRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[11]
+	mi := &file_ferry_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -868,7 +941,7 @@ func (x *ExecRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecRequest.ProtoReflect.Descriptor instead.
 func (*ExecRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{11}
+	return file_ferry_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ExecRequest) GetName() string {
@@ -906,7 +979,7 @@ type ExecOutput struct {
 
 func (x *ExecOutput) Reset() {
 	*x = ExecOutput{}
-	mi := &file_ferry_proto_msgTypes[12]
+	mi := &file_ferry_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -918,7 +991,7 @@ func (x *ExecOutput) String() string {
 func (*ExecOutput) ProtoMessage() {}
 
 func (x *ExecOutput) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[12]
+	mi := &file_ferry_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -931,7 +1004,7 @@ func (x *ExecOutput) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecOutput.ProtoReflect.Descriptor instead.
 func (*ExecOutput) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{12}
+	return file_ferry_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ExecOutput) GetKind() isExecOutput_Kind {
@@ -1002,7 +1075,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_ferry_proto_msgTypes[13]
+	mi := &file_ferry_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1014,7 +1087,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[13]
+	mi := &file_ferry_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1027,7 +1100,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{13}
+	return file_ferry_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *LogsRequest) GetName() string {
@@ -1053,7 +1126,7 @@ type LogChunk struct {
 
 func (x *LogChunk) Reset() {
 	*x = LogChunk{}
-	mi := &file_ferry_proto_msgTypes[14]
+	mi := &file_ferry_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1065,7 +1138,7 @@ func (x *LogChunk) String() string {
 func (*LogChunk) ProtoMessage() {}
 
 func (x *LogChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[14]
+	mi := &file_ferry_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1078,7 +1151,7 @@ func (x *LogChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogChunk.ProtoReflect.Descriptor instead.
 func (*LogChunk) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{14}
+	return file_ferry_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *LogChunk) GetData() []byte {
@@ -1102,7 +1175,7 @@ type EventsRequest struct {
 
 func (x *EventsRequest) Reset() {
 	*x = EventsRequest{}
-	mi := &file_ferry_proto_msgTypes[15]
+	mi := &file_ferry_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1114,7 +1187,7 @@ func (x *EventsRequest) String() string {
 func (*EventsRequest) ProtoMessage() {}
 
 func (x *EventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[15]
+	mi := &file_ferry_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1127,7 +1200,7 @@ func (x *EventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
 func (*EventsRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{15}
+	return file_ferry_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *EventsRequest) GetReplay() bool {
@@ -1169,7 +1242,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_ferry_proto_msgTypes[16]
+	mi := &file_ferry_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1181,7 +1254,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[16]
+	mi := &file_ferry_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1194,7 +1267,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{16}
+	return file_ferry_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Event) GetTime() string {
@@ -1247,7 +1320,7 @@ type NodeRequest struct {
 
 func (x *NodeRequest) Reset() {
 	*x = NodeRequest{}
-	mi := &file_ferry_proto_msgTypes[17]
+	mi := &file_ferry_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1259,7 +1332,7 @@ func (x *NodeRequest) String() string {
 func (*NodeRequest) ProtoMessage() {}
 
 func (x *NodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[17]
+	mi := &file_ferry_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1272,7 +1345,7 @@ func (x *NodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeRequest.ProtoReflect.Descriptor instead.
 func (*NodeRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{17}
+	return file_ferry_proto_rawDescGZIP(), []int{18}
 }
 
 type ResourceReport struct {
@@ -1301,7 +1374,7 @@ type ResourceReport struct {
 
 func (x *ResourceReport) Reset() {
 	*x = ResourceReport{}
-	mi := &file_ferry_proto_msgTypes[18]
+	mi := &file_ferry_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1313,7 +1386,7 @@ func (x *ResourceReport) String() string {
 func (*ResourceReport) ProtoMessage() {}
 
 func (x *ResourceReport) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[18]
+	mi := &file_ferry_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1326,7 +1399,7 @@ func (x *ResourceReport) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResourceReport.ProtoReflect.Descriptor instead.
 func (*ResourceReport) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{18}
+	return file_ferry_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ResourceReport) GetResource() string {
@@ -1433,7 +1506,7 @@ type ContainerResources struct {
 
 func (x *ContainerResources) Reset() {
 	*x = ContainerResources{}
-	mi := &file_ferry_proto_msgTypes[19]
+	mi := &file_ferry_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1445,7 +1518,7 @@ func (x *ContainerResources) String() string {
 func (*ContainerResources) ProtoMessage() {}
 
 func (x *ContainerResources) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[19]
+	mi := &file_ferry_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1458,7 +1531,7 @@ func (x *ContainerResources) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainerResources.ProtoReflect.Descriptor instead.
 func (*ContainerResources) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{19}
+	return file_ferry_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ContainerResources) GetName() string {
@@ -1512,7 +1585,7 @@ type NodeReport struct {
 
 func (x *NodeReport) Reset() {
 	*x = NodeReport{}
-	mi := &file_ferry_proto_msgTypes[20]
+	mi := &file_ferry_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1524,7 +1597,7 @@ func (x *NodeReport) String() string {
 func (*NodeReport) ProtoMessage() {}
 
 func (x *NodeReport) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[20]
+	mi := &file_ferry_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1537,7 +1610,7 @@ func (x *NodeReport) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeReport.ProtoReflect.Descriptor instead.
 func (*NodeReport) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{20}
+	return file_ferry_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *NodeReport) GetNodeName() string {
@@ -1610,7 +1683,7 @@ type MigrateRequest struct {
 
 func (x *MigrateRequest) Reset() {
 	*x = MigrateRequest{}
-	mi := &file_ferry_proto_msgTypes[21]
+	mi := &file_ferry_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1622,7 +1695,7 @@ func (x *MigrateRequest) String() string {
 func (*MigrateRequest) ProtoMessage() {}
 
 func (x *MigrateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[21]
+	mi := &file_ferry_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1635,7 +1708,7 @@ func (x *MigrateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MigrateRequest.ProtoReflect.Descriptor instead.
 func (*MigrateRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{21}
+	return file_ferry_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *MigrateRequest) GetName() string {
@@ -1717,13 +1790,17 @@ type Migration struct {
 	FinishedAt   string `protobuf:"bytes,20,opt,name=finished_at,json=finishedAt,proto3" json:"finished_at,omitempty"`
 	// Predicted downtime of the final round, when known.
 	PredictedDowntimeMs int64 `protobuf:"varint,21,opt,name=predicted_downtime_ms,json=predictedDowntimeMs,proto3" json:"predicted_downtime_ms,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// Post-copy: from the container running on the peer to its last page
+	// moved, and the page bytes moved in that time (part of bytes_sent).
+	PostcopyMs    int64 `protobuf:"varint,22,opt,name=postcopy_ms,json=postcopyMs,proto3" json:"postcopy_ms,omitempty"`
+	PostcopyBytes int64 `protobuf:"varint,23,opt,name=postcopy_bytes,json=postcopyBytes,proto3" json:"postcopy_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Migration) Reset() {
 	*x = Migration{}
-	mi := &file_ferry_proto_msgTypes[22]
+	mi := &file_ferry_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1735,7 +1812,7 @@ func (x *Migration) String() string {
 func (*Migration) ProtoMessage() {}
 
 func (x *Migration) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[22]
+	mi := &file_ferry_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1748,7 +1825,7 @@ func (x *Migration) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Migration.ProtoReflect.Descriptor instead.
 func (*Migration) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{22}
+	return file_ferry_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Migration) GetId() string {
@@ -1898,6 +1975,64 @@ func (x *Migration) GetPredictedDowntimeMs() int64 {
 	return 0
 }
 
+func (x *Migration) GetPostcopyMs() int64 {
+	if x != nil {
+		return x.PostcopyMs
+	}
+	return 0
+}
+
+func (x *Migration) GetPostcopyBytes() int64 {
+	if x != nil {
+		return x.PostcopyBytes
+	}
+	return 0
+}
+
+type CancelMigrationRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CancelMigrationRequest) Reset() {
+	*x = CancelMigrationRequest{}
+	mi := &file_ferry_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CancelMigrationRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CancelMigrationRequest) ProtoMessage() {}
+
+func (x *CancelMigrationRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CancelMigrationRequest.ProtoReflect.Descriptor instead.
+func (*CancelMigrationRequest) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *CancelMigrationRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
 type GetMigrationRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -1907,7 +2042,7 @@ type GetMigrationRequest struct {
 
 func (x *GetMigrationRequest) Reset() {
 	*x = GetMigrationRequest{}
-	mi := &file_ferry_proto_msgTypes[23]
+	mi := &file_ferry_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1919,7 +2054,7 @@ func (x *GetMigrationRequest) String() string {
 func (*GetMigrationRequest) ProtoMessage() {}
 
 func (x *GetMigrationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[23]
+	mi := &file_ferry_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1932,7 +2067,7 @@ func (x *GetMigrationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMigrationRequest.ProtoReflect.Descriptor instead.
 func (*GetMigrationRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{23}
+	return file_ferry_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *GetMigrationRequest) GetId() string {
@@ -1950,7 +2085,7 @@ type ListMigrationsRequest struct {
 
 func (x *ListMigrationsRequest) Reset() {
 	*x = ListMigrationsRequest{}
-	mi := &file_ferry_proto_msgTypes[24]
+	mi := &file_ferry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1962,7 +2097,7 @@ func (x *ListMigrationsRequest) String() string {
 func (*ListMigrationsRequest) ProtoMessage() {}
 
 func (x *ListMigrationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[24]
+	mi := &file_ferry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1975,7 +2110,7 @@ func (x *ListMigrationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMigrationsRequest.ProtoReflect.Descriptor instead.
 func (*ListMigrationsRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{24}
+	return file_ferry_proto_rawDescGZIP(), []int{26}
 }
 
 type ListMigrationsResponse struct {
@@ -1987,7 +2122,7 @@ type ListMigrationsResponse struct {
 
 func (x *ListMigrationsResponse) Reset() {
 	*x = ListMigrationsResponse{}
-	mi := &file_ferry_proto_msgTypes[25]
+	mi := &file_ferry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1999,7 +2134,7 @@ func (x *ListMigrationsResponse) String() string {
 func (*ListMigrationsResponse) ProtoMessage() {}
 
 func (x *ListMigrationsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[25]
+	mi := &file_ferry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2012,7 +2147,7 @@ func (x *ListMigrationsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMigrationsResponse.ProtoReflect.Descriptor instead.
 func (*ListMigrationsResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{25}
+	return file_ferry_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ListMigrationsResponse) GetMigrations() []*Migration {
@@ -2031,14 +2166,16 @@ type PrepareIncomingRequest struct {
 	CgroupMode   string                 `protobuf:"bytes,5,opt,name=cgroup_mode,json=cgroupMode,proto3" json:"cgroup_mode,omitempty"`
 	// The container as the source runs it: its request (with the address
 	// pinned), as JSON of the agent's Spec.
-	SpecJson      []byte `protobuf:"bytes,6,opt,name=spec_json,json=specJson,proto3" json:"spec_json,omitempty"`
+	SpecJson []byte `protobuf:"bytes,6,opt,name=spec_json,json=specJson,proto3" json:"spec_json,omitempty"`
+	// The mode the source will run: stopcopy or postcopy.
+	Mode          string `protobuf:"bytes,7,opt,name=mode,proto3" json:"mode,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PrepareIncomingRequest) Reset() {
 	*x = PrepareIncomingRequest{}
-	mi := &file_ferry_proto_msgTypes[26]
+	mi := &file_ferry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2050,7 +2187,7 @@ func (x *PrepareIncomingRequest) String() string {
 func (*PrepareIncomingRequest) ProtoMessage() {}
 
 func (x *PrepareIncomingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[26]
+	mi := &file_ferry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2063,7 +2200,7 @@ func (x *PrepareIncomingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareIncomingRequest.ProtoReflect.Descriptor instead.
 func (*PrepareIncomingRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{26}
+	return file_ferry_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *PrepareIncomingRequest) GetMigrationId() string {
@@ -2108,6 +2245,13 @@ func (x *PrepareIncomingRequest) GetSpecJson() []byte {
 	return nil
 }
 
+func (x *PrepareIncomingRequest) GetMode() string {
+	if x != nil {
+		return x.Mode
+	}
+	return ""
+}
+
 type PrepareIncomingResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	NodeName      string                 `protobuf:"bytes,1,opt,name=node_name,json=nodeName,proto3" json:"node_name,omitempty"`
@@ -2119,7 +2263,7 @@ type PrepareIncomingResponse struct {
 
 func (x *PrepareIncomingResponse) Reset() {
 	*x = PrepareIncomingResponse{}
-	mi := &file_ferry_proto_msgTypes[27]
+	mi := &file_ferry_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2131,7 +2275,7 @@ func (x *PrepareIncomingResponse) String() string {
 func (*PrepareIncomingResponse) ProtoMessage() {}
 
 func (x *PrepareIncomingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[27]
+	mi := &file_ferry_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2144,7 +2288,7 @@ func (x *PrepareIncomingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareIncomingResponse.ProtoReflect.Descriptor instead.
 func (*PrepareIncomingResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{27}
+	return file_ferry_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *PrepareIncomingResponse) GetNodeName() string {
@@ -2182,7 +2326,7 @@ type ImageChunk struct {
 
 func (x *ImageChunk) Reset() {
 	*x = ImageChunk{}
-	mi := &file_ferry_proto_msgTypes[28]
+	mi := &file_ferry_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2194,7 +2338,7 @@ func (x *ImageChunk) String() string {
 func (*ImageChunk) ProtoMessage() {}
 
 func (x *ImageChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[28]
+	mi := &file_ferry_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2207,7 +2351,7 @@ func (x *ImageChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageChunk.ProtoReflect.Descriptor instead.
 func (*ImageChunk) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{28}
+	return file_ferry_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ImageChunk) GetMigrationId() string {
@@ -2240,7 +2384,7 @@ type SendImagesResponse struct {
 
 func (x *SendImagesResponse) Reset() {
 	*x = SendImagesResponse{}
-	mi := &file_ferry_proto_msgTypes[29]
+	mi := &file_ferry_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2252,7 +2396,7 @@ func (x *SendImagesResponse) String() string {
 func (*SendImagesResponse) ProtoMessage() {}
 
 func (x *SendImagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[29]
+	mi := &file_ferry_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2265,7 +2409,7 @@ func (x *SendImagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendImagesResponse.ProtoReflect.Descriptor instead.
 func (*SendImagesResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{29}
+	return file_ferry_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *SendImagesResponse) GetBytes() int64 {
@@ -2284,7 +2428,7 @@ type RestoreIncomingRequest struct {
 
 func (x *RestoreIncomingRequest) Reset() {
 	*x = RestoreIncomingRequest{}
-	mi := &file_ferry_proto_msgTypes[30]
+	mi := &file_ferry_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2296,7 +2440,7 @@ func (x *RestoreIncomingRequest) String() string {
 func (*RestoreIncomingRequest) ProtoMessage() {}
 
 func (x *RestoreIncomingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[30]
+	mi := &file_ferry_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2309,7 +2453,7 @@ func (x *RestoreIncomingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreIncomingRequest.ProtoReflect.Descriptor instead.
 func (*RestoreIncomingRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{30}
+	return file_ferry_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *RestoreIncomingRequest) GetMigrationId() string {
@@ -2329,7 +2473,7 @@ type RestoreIncomingResponse struct {
 
 func (x *RestoreIncomingResponse) Reset() {
 	*x = RestoreIncomingResponse{}
-	mi := &file_ferry_proto_msgTypes[31]
+	mi := &file_ferry_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2341,7 +2485,7 @@ func (x *RestoreIncomingResponse) String() string {
 func (*RestoreIncomingResponse) ProtoMessage() {}
 
 func (x *RestoreIncomingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[31]
+	mi := &file_ferry_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2354,7 +2498,7 @@ func (x *RestoreIncomingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreIncomingResponse.ProtoReflect.Descriptor instead.
 func (*RestoreIncomingResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{31}
+	return file_ferry_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *RestoreIncomingResponse) GetPid() int64 {
@@ -2381,7 +2525,7 @@ type AbortIncomingRequest struct {
 
 func (x *AbortIncomingRequest) Reset() {
 	*x = AbortIncomingRequest{}
-	mi := &file_ferry_proto_msgTypes[32]
+	mi := &file_ferry_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2393,7 +2537,7 @@ func (x *AbortIncomingRequest) String() string {
 func (*AbortIncomingRequest) ProtoMessage() {}
 
 func (x *AbortIncomingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[32]
+	mi := &file_ferry_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2406,7 +2550,7 @@ func (x *AbortIncomingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortIncomingRequest.ProtoReflect.Descriptor instead.
 func (*AbortIncomingRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{32}
+	return file_ferry_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *AbortIncomingRequest) GetMigrationId() string {
@@ -2431,7 +2575,7 @@ type AbortIncomingResponse struct {
 
 func (x *AbortIncomingResponse) Reset() {
 	*x = AbortIncomingResponse{}
-	mi := &file_ferry_proto_msgTypes[33]
+	mi := &file_ferry_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2443,7 +2587,7 @@ func (x *AbortIncomingResponse) String() string {
 func (*AbortIncomingResponse) ProtoMessage() {}
 
 func (x *AbortIncomingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[33]
+	mi := &file_ferry_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2456,7 +2600,158 @@ func (x *AbortIncomingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortIncomingResponse.ProtoReflect.Descriptor instead.
 func (*AbortIncomingResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{33}
+	return file_ferry_proto_rawDescGZIP(), []int{35}
+}
+
+type TunnelChunk struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Set on the source's first message only.
+	MigrationId string `protobuf:"bytes,1,opt,name=migration_id,json=migrationId,proto3" json:"migration_id,omitempty"`
+	Data        []byte `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	// The sender's side closed its writing half: no more data follows.
+	Eof           bool `protobuf:"varint,3,opt,name=eof,proto3" json:"eof,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TunnelChunk) Reset() {
+	*x = TunnelChunk{}
+	mi := &file_ferry_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TunnelChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TunnelChunk) ProtoMessage() {}
+
+func (x *TunnelChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TunnelChunk.ProtoReflect.Descriptor instead.
+func (*TunnelChunk) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *TunnelChunk) GetMigrationId() string {
+	if x != nil {
+		return x.MigrationId
+	}
+	return ""
+}
+
+func (x *TunnelChunk) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *TunnelChunk) GetEof() bool {
+	if x != nil {
+		return x.Eof
+	}
+	return false
+}
+
+type CompleteIncomingRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	MigrationId   string                 `protobuf:"bytes,1,opt,name=migration_id,json=migrationId,proto3" json:"migration_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CompleteIncomingRequest) Reset() {
+	*x = CompleteIncomingRequest{}
+	mi := &file_ferry_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CompleteIncomingRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CompleteIncomingRequest) ProtoMessage() {}
+
+func (x *CompleteIncomingRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CompleteIncomingRequest.ProtoReflect.Descriptor instead.
+func (*CompleteIncomingRequest) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *CompleteIncomingRequest) GetMigrationId() string {
+	if x != nil {
+		return x.MigrationId
+	}
+	return ""
+}
+
+type CompleteIncomingResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// From the restore's end to the last page in.
+	PostcopyMs    int64 `protobuf:"varint,1,opt,name=postcopy_ms,json=postcopyMs,proto3" json:"postcopy_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CompleteIncomingResponse) Reset() {
+	*x = CompleteIncomingResponse{}
+	mi := &file_ferry_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CompleteIncomingResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CompleteIncomingResponse) ProtoMessage() {}
+
+func (x *CompleteIncomingResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CompleteIncomingResponse.ProtoReflect.Descriptor instead.
+func (*CompleteIncomingResponse) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *CompleteIncomingResponse) GetPostcopyMs() int64 {
+	if x != nil {
+		return x.PostcopyMs
+	}
+	return 0
 }
 
 var File_ferry_proto protoreflect.FileDescriptor
@@ -2464,7 +2759,7 @@ var File_ferry_proto protoreflect.FileDescriptor
 const file_ferry_proto_rawDesc = "" +
 	"\n" +
 	"\vferry.proto\x12\bferry.v1\"\x10\n" +
-	"\x0eVersionRequest\"\xce\x01\n" +
+	"\x0eVersionRequest\"\x87\x02\n" +
 	"\x0fVersionResponse\x12#\n" +
 	"\ragent_version\x18\x01 \x01(\tR\fagentVersion\x12\x1b\n" +
 	"\tnode_name\x18\x02 \x01(\tR\bnodeName\x12!\n" +
@@ -2473,7 +2768,13 @@ const file_ferry_proto_rawDesc = "" +
 	"cgroupMode\x12\x1d\n" +
 	"\n" +
 	"go_version\x18\x05 \x01(\tR\tgoVersion\x12\x16\n" +
-	"\x06kernel\x18\x06 \x01(\tR\x06kernel\"K\n" +
+	"\x06kernel\x18\x06 \x01(\tR\x06kernel\x127\n" +
+	"\bfeatures\x18\a \x01(\v2\x1b.ferry.v1.MigrationFeaturesR\bfeatures\"\x86\x01\n" +
+	"\x11MigrationFeatures\x12&\n" +
+	"\x0fmem_dirty_track\x18\x01 \x01(\bR\rmemDirtyTrack\x12\x1d\n" +
+	"\n" +
+	"lazy_pages\x18\x02 \x01(\bR\tlazyPages\x12*\n" +
+	"\x11lazy_pages_reason\x18\x03 \x01(\tR\x0flazyPagesReason\"K\n" +
 	"\tResources\x12\x1b\n" +
 	"\tcpu_cores\x18\x01 \x01(\x01R\bcpuCores\x12!\n" +
 	"\fmemory_bytes\x18\x02 \x01(\x03R\vmemoryBytes\"\xdd\x03\n" +
@@ -2614,7 +2915,7 @@ const file_ferry_proto_rawDesc = "" +
 	"\n" +
 	"max_rounds\x18\x05 \x01(\x05R\tmaxRounds\x12;\n" +
 	"\x1abandwidth_bytes_per_second\x18\x06 \x01(\x03R\x17bandwidthBytesPerSecond\x12!\n" +
-	"\fmigration_id\x18\a \x01(\tR\vmigrationId\"\xe8\x04\n" +
+	"\fmigration_id\x18\a \x01(\tR\vmigrationId\"\xb0\x05\n" +
 	"\tMigration\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1c\n" +
 	"\tcontainer\x18\x02 \x01(\tR\tcontainer\x12\x12\n" +
@@ -2643,14 +2944,19 @@ const file_ferry_proto_rawDesc = "" +
 	"started_at\x18\x13 \x01(\tR\tstartedAt\x12\x1f\n" +
 	"\vfinished_at\x18\x14 \x01(\tR\n" +
 	"finishedAt\x122\n" +
-	"\x15predicted_downtime_ms\x18\x15 \x01(\x03R\x13predictedDowntimeMs\"%\n" +
+	"\x15predicted_downtime_ms\x18\x15 \x01(\x03R\x13predictedDowntimeMs\x12\x1f\n" +
+	"\vpostcopy_ms\x18\x16 \x01(\x03R\n" +
+	"postcopyMs\x12%\n" +
+	"\x0epostcopy_bytes\x18\x17 \x01(\x03R\rpostcopyBytes\"(\n" +
+	"\x16CancelMigrationRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"%\n" +
 	"\x13GetMigrationRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"\x17\n" +
 	"\x15ListMigrationsRequest\"M\n" +
 	"\x16ListMigrationsResponse\x123\n" +
 	"\n" +
 	"migrations\x18\x01 \x03(\v2\x13.ferry.v1.MigrationR\n" +
-	"migrations\"\xe2\x01\n" +
+	"migrations\"\xf6\x01\n" +
 	"\x16PrepareIncomingRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12\x1f\n" +
 	"\vsource_node\x18\x02 \x01(\tR\n" +
@@ -2659,7 +2965,8 @@ const file_ferry_proto_rawDesc = "" +
 	"\fcriu_version\x18\x04 \x01(\tR\vcriuVersion\x12\x1f\n" +
 	"\vcgroup_mode\x18\x05 \x01(\tR\n" +
 	"cgroupMode\x12\x1b\n" +
-	"\tspec_json\x18\x06 \x01(\fR\bspecJson\"z\n" +
+	"\tspec_json\x18\x06 \x01(\fR\bspecJson\x12\x12\n" +
+	"\x04mode\x18\a \x01(\tR\x04mode\"z\n" +
 	"\x17PrepareIncomingResponse\x12\x1b\n" +
 	"\tnode_name\x18\x01 \x01(\tR\bnodeName\x12!\n" +
 	"\fcriu_version\x18\x02 \x01(\tR\vcriuVersion\x12\x1f\n" +
@@ -2681,7 +2988,16 @@ const file_ferry_proto_rawDesc = "" +
 	"\x14AbortIncomingRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\"\x17\n" +
-	"\x15AbortIncomingResponse2\xb4\t\n" +
+	"\x15AbortIncomingResponse\"V\n" +
+	"\vTunnelChunk\x12!\n" +
+	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12\x12\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\x12\x10\n" +
+	"\x03eof\x18\x03 \x01(\bR\x03eof\"<\n" +
+	"\x17CompleteIncomingRequest\x12!\n" +
+	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\";\n" +
+	"\x18CompleteIncomingResponse\x12\x1f\n" +
+	"\vpostcopy_ms\x18\x01 \x01(\x03R\n" +
+	"postcopyMs2\x99\v\n" +
 	"\x05Ferry\x12>\n" +
 	"\aVersion\x12\x18.ferry.v1.VersionRequest\x1a\x19.ferry.v1.VersionResponse\x12B\n" +
 	"\fRunContainer\x12\x1d.ferry.v1.RunContainerRequest\x1a\x13.ferry.v1.Container\x12S\n" +
@@ -2695,12 +3011,16 @@ const file_ferry_proto_rawDesc = "" +
 	"\x04Node\x12\x15.ferry.v1.NodeRequest\x1a\x14.ferry.v1.NodeReport\x12:\n" +
 	"\aMigrate\x12\x18.ferry.v1.MigrateRequest\x1a\x13.ferry.v1.Migration0\x01\x12B\n" +
 	"\fGetMigration\x12\x1d.ferry.v1.GetMigrationRequest\x1a\x13.ferry.v1.Migration\x12S\n" +
-	"\x0eListMigrations\x12\x1f.ferry.v1.ListMigrationsRequest\x1a .ferry.v1.ListMigrationsResponse\x12V\n" +
+	"\x0eListMigrations\x12\x1f.ferry.v1.ListMigrationsRequest\x1a .ferry.v1.ListMigrationsResponse\x12H\n" +
+	"\x0fCancelMigration\x12 .ferry.v1.CancelMigrationRequest\x1a\x13.ferry.v1.Migration\x12V\n" +
 	"\x0fPrepareIncoming\x12 .ferry.v1.PrepareIncomingRequest\x1a!.ferry.v1.PrepareIncomingResponse\x12B\n" +
 	"\n" +
 	"SendImages\x12\x14.ferry.v1.ImageChunk\x1a\x1c.ferry.v1.SendImagesResponse(\x01\x12V\n" +
 	"\x0fRestoreIncoming\x12 .ferry.v1.RestoreIncomingRequest\x1a!.ferry.v1.RestoreIncomingResponse\x12P\n" +
-	"\rAbortIncoming\x12\x1e.ferry.v1.AbortIncomingRequest\x1a\x1f.ferry.v1.AbortIncomingResponseB,Z*github.com/ferry-agent/ferry/agent/api;apib\x06proto3"
+	"\rAbortIncoming\x12\x1e.ferry.v1.AbortIncomingRequest\x1a\x1f.ferry.v1.AbortIncomingResponse\x12>\n" +
+	"\n" +
+	"PageTunnel\x12\x15.ferry.v1.TunnelChunk\x1a\x15.ferry.v1.TunnelChunk(\x010\x01\x12Y\n" +
+	"\x10CompleteIncoming\x12!.ferry.v1.CompleteIncomingRequest\x1a\".ferry.v1.CompleteIncomingResponseB,Z*github.com/ferry-agent/ferry/agent/api;apib\x06proto3"
 
 var (
 	file_ferry_proto_rawDescOnce sync.Once
@@ -2714,103 +3034,115 @@ func file_ferry_proto_rawDescGZIP() []byte {
 	return file_ferry_proto_rawDescData
 }
 
-var file_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
+var file_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
 var file_ferry_proto_goTypes = []any{
-	(*VersionRequest)(nil),          // 0: ferry.v1.VersionRequest
-	(*VersionResponse)(nil),         // 1: ferry.v1.VersionResponse
-	(*Resources)(nil),               // 2: ferry.v1.Resources
-	(*RunContainerRequest)(nil),     // 3: ferry.v1.RunContainerRequest
-	(*Container)(nil),               // 4: ferry.v1.Container
-	(*ListContainersRequest)(nil),   // 5: ferry.v1.ListContainersRequest
-	(*ListContainersResponse)(nil),  // 6: ferry.v1.ListContainersResponse
-	(*GetContainerRequest)(nil),     // 7: ferry.v1.GetContainerRequest
-	(*StopContainerRequest)(nil),    // 8: ferry.v1.StopContainerRequest
-	(*RemoveContainerRequest)(nil),  // 9: ferry.v1.RemoveContainerRequest
-	(*RemoveContainerResponse)(nil), // 10: ferry.v1.RemoveContainerResponse
-	(*ExecRequest)(nil),             // 11: ferry.v1.ExecRequest
-	(*ExecOutput)(nil),              // 12: ferry.v1.ExecOutput
-	(*LogsRequest)(nil),             // 13: ferry.v1.LogsRequest
-	(*LogChunk)(nil),                // 14: ferry.v1.LogChunk
-	(*EventsRequest)(nil),           // 15: ferry.v1.EventsRequest
-	(*Event)(nil),                   // 16: ferry.v1.Event
-	(*NodeRequest)(nil),             // 17: ferry.v1.NodeRequest
-	(*ResourceReport)(nil),          // 18: ferry.v1.ResourceReport
-	(*ContainerResources)(nil),      // 19: ferry.v1.ContainerResources
-	(*NodeReport)(nil),              // 20: ferry.v1.NodeReport
-	(*MigrateRequest)(nil),          // 21: ferry.v1.MigrateRequest
-	(*Migration)(nil),               // 22: ferry.v1.Migration
-	(*GetMigrationRequest)(nil),     // 23: ferry.v1.GetMigrationRequest
-	(*ListMigrationsRequest)(nil),   // 24: ferry.v1.ListMigrationsRequest
-	(*ListMigrationsResponse)(nil),  // 25: ferry.v1.ListMigrationsResponse
-	(*PrepareIncomingRequest)(nil),  // 26: ferry.v1.PrepareIncomingRequest
-	(*PrepareIncomingResponse)(nil), // 27: ferry.v1.PrepareIncomingResponse
-	(*ImageChunk)(nil),              // 28: ferry.v1.ImageChunk
-	(*SendImagesResponse)(nil),      // 29: ferry.v1.SendImagesResponse
-	(*RestoreIncomingRequest)(nil),  // 30: ferry.v1.RestoreIncomingRequest
-	(*RestoreIncomingResponse)(nil), // 31: ferry.v1.RestoreIncomingResponse
-	(*AbortIncomingRequest)(nil),    // 32: ferry.v1.AbortIncomingRequest
-	(*AbortIncomingResponse)(nil),   // 33: ferry.v1.AbortIncomingResponse
-	nil,                             // 34: ferry.v1.RunContainerRequest.SysctlsEntry
-	nil,                             // 35: ferry.v1.Container.SysctlsEntry
-	nil,                             // 36: ferry.v1.Event.AttributesEntry
+	(*VersionRequest)(nil),           // 0: ferry.v1.VersionRequest
+	(*VersionResponse)(nil),          // 1: ferry.v1.VersionResponse
+	(*MigrationFeatures)(nil),        // 2: ferry.v1.MigrationFeatures
+	(*Resources)(nil),                // 3: ferry.v1.Resources
+	(*RunContainerRequest)(nil),      // 4: ferry.v1.RunContainerRequest
+	(*Container)(nil),                // 5: ferry.v1.Container
+	(*ListContainersRequest)(nil),    // 6: ferry.v1.ListContainersRequest
+	(*ListContainersResponse)(nil),   // 7: ferry.v1.ListContainersResponse
+	(*GetContainerRequest)(nil),      // 8: ferry.v1.GetContainerRequest
+	(*StopContainerRequest)(nil),     // 9: ferry.v1.StopContainerRequest
+	(*RemoveContainerRequest)(nil),   // 10: ferry.v1.RemoveContainerRequest
+	(*RemoveContainerResponse)(nil),  // 11: ferry.v1.RemoveContainerResponse
+	(*ExecRequest)(nil),              // 12: ferry.v1.ExecRequest
+	(*ExecOutput)(nil),               // 13: ferry.v1.ExecOutput
+	(*LogsRequest)(nil),              // 14: ferry.v1.LogsRequest
+	(*LogChunk)(nil),                 // 15: ferry.v1.LogChunk
+	(*EventsRequest)(nil),            // 16: ferry.v1.EventsRequest
+	(*Event)(nil),                    // 17: ferry.v1.Event
+	(*NodeRequest)(nil),              // 18: ferry.v1.NodeRequest
+	(*ResourceReport)(nil),           // 19: ferry.v1.ResourceReport
+	(*ContainerResources)(nil),       // 20: ferry.v1.ContainerResources
+	(*NodeReport)(nil),               // 21: ferry.v1.NodeReport
+	(*MigrateRequest)(nil),           // 22: ferry.v1.MigrateRequest
+	(*Migration)(nil),                // 23: ferry.v1.Migration
+	(*CancelMigrationRequest)(nil),   // 24: ferry.v1.CancelMigrationRequest
+	(*GetMigrationRequest)(nil),      // 25: ferry.v1.GetMigrationRequest
+	(*ListMigrationsRequest)(nil),    // 26: ferry.v1.ListMigrationsRequest
+	(*ListMigrationsResponse)(nil),   // 27: ferry.v1.ListMigrationsResponse
+	(*PrepareIncomingRequest)(nil),   // 28: ferry.v1.PrepareIncomingRequest
+	(*PrepareIncomingResponse)(nil),  // 29: ferry.v1.PrepareIncomingResponse
+	(*ImageChunk)(nil),               // 30: ferry.v1.ImageChunk
+	(*SendImagesResponse)(nil),       // 31: ferry.v1.SendImagesResponse
+	(*RestoreIncomingRequest)(nil),   // 32: ferry.v1.RestoreIncomingRequest
+	(*RestoreIncomingResponse)(nil),  // 33: ferry.v1.RestoreIncomingResponse
+	(*AbortIncomingRequest)(nil),     // 34: ferry.v1.AbortIncomingRequest
+	(*AbortIncomingResponse)(nil),    // 35: ferry.v1.AbortIncomingResponse
+	(*TunnelChunk)(nil),              // 36: ferry.v1.TunnelChunk
+	(*CompleteIncomingRequest)(nil),  // 37: ferry.v1.CompleteIncomingRequest
+	(*CompleteIncomingResponse)(nil), // 38: ferry.v1.CompleteIncomingResponse
+	nil,                              // 39: ferry.v1.RunContainerRequest.SysctlsEntry
+	nil,                              // 40: ferry.v1.Container.SysctlsEntry
+	nil,                              // 41: ferry.v1.Event.AttributesEntry
 }
 var file_ferry_proto_depIdxs = []int32{
-	2,  // 0: ferry.v1.RunContainerRequest.guarantee:type_name -> ferry.v1.Resources
-	2,  // 1: ferry.v1.RunContainerRequest.ceiling:type_name -> ferry.v1.Resources
-	34, // 2: ferry.v1.RunContainerRequest.sysctls:type_name -> ferry.v1.RunContainerRequest.SysctlsEntry
-	2,  // 3: ferry.v1.Container.guarantee:type_name -> ferry.v1.Resources
-	2,  // 4: ferry.v1.Container.ceiling:type_name -> ferry.v1.Resources
-	35, // 5: ferry.v1.Container.sysctls:type_name -> ferry.v1.Container.SysctlsEntry
-	2,  // 6: ferry.v1.Container.effective_ceiling:type_name -> ferry.v1.Resources
-	4,  // 7: ferry.v1.ListContainersResponse.containers:type_name -> ferry.v1.Container
-	36, // 8: ferry.v1.Event.attributes:type_name -> ferry.v1.Event.AttributesEntry
-	2,  // 9: ferry.v1.ContainerResources.guarantee:type_name -> ferry.v1.Resources
-	2,  // 10: ferry.v1.ContainerResources.ceiling:type_name -> ferry.v1.Resources
-	2,  // 11: ferry.v1.ContainerResources.effective_ceiling:type_name -> ferry.v1.Resources
-	2,  // 12: ferry.v1.ContainerResources.used:type_name -> ferry.v1.Resources
-	18, // 13: ferry.v1.NodeReport.cpu:type_name -> ferry.v1.ResourceReport
-	18, // 14: ferry.v1.NodeReport.memory:type_name -> ferry.v1.ResourceReport
-	19, // 15: ferry.v1.NodeReport.containers:type_name -> ferry.v1.ContainerResources
-	22, // 16: ferry.v1.ListMigrationsResponse.migrations:type_name -> ferry.v1.Migration
-	0,  // 17: ferry.v1.Ferry.Version:input_type -> ferry.v1.VersionRequest
-	3,  // 18: ferry.v1.Ferry.RunContainer:input_type -> ferry.v1.RunContainerRequest
-	5,  // 19: ferry.v1.Ferry.ListContainers:input_type -> ferry.v1.ListContainersRequest
-	7,  // 20: ferry.v1.Ferry.GetContainer:input_type -> ferry.v1.GetContainerRequest
-	8,  // 21: ferry.v1.Ferry.StopContainer:input_type -> ferry.v1.StopContainerRequest
-	9,  // 22: ferry.v1.Ferry.RemoveContainer:input_type -> ferry.v1.RemoveContainerRequest
-	11, // 23: ferry.v1.Ferry.Exec:input_type -> ferry.v1.ExecRequest
-	13, // 24: ferry.v1.Ferry.Logs:input_type -> ferry.v1.LogsRequest
-	15, // 25: ferry.v1.Ferry.Events:input_type -> ferry.v1.EventsRequest
-	17, // 26: ferry.v1.Ferry.Node:input_type -> ferry.v1.NodeRequest
-	21, // 27: ferry.v1.Ferry.Migrate:input_type -> ferry.v1.MigrateRequest
-	23, // 28: ferry.v1.Ferry.GetMigration:input_type -> ferry.v1.GetMigrationRequest
-	24, // 29: ferry.v1.Ferry.ListMigrations:input_type -> ferry.v1.ListMigrationsRequest
-	26, // 30: ferry.v1.Ferry.PrepareIncoming:input_type -> ferry.v1.PrepareIncomingRequest
-	28, // 31: ferry.v1.Ferry.SendImages:input_type -> ferry.v1.ImageChunk
-	30, // 32: ferry.v1.Ferry.RestoreIncoming:input_type -> ferry.v1.RestoreIncomingRequest
-	32, // 33: ferry.v1.Ferry.AbortIncoming:input_type -> ferry.v1.AbortIncomingRequest
-	1,  // 34: ferry.v1.Ferry.Version:output_type -> ferry.v1.VersionResponse
-	4,  // 35: ferry.v1.Ferry.RunContainer:output_type -> ferry.v1.Container
-	6,  // 36: ferry.v1.Ferry.ListContainers:output_type -> ferry.v1.ListContainersResponse
-	4,  // 37: ferry.v1.Ferry.GetContainer:output_type -> ferry.v1.Container
-	4,  // 38: ferry.v1.Ferry.StopContainer:output_type -> ferry.v1.Container
-	10, // 39: ferry.v1.Ferry.RemoveContainer:output_type -> ferry.v1.RemoveContainerResponse
-	12, // 40: ferry.v1.Ferry.Exec:output_type -> ferry.v1.ExecOutput
-	14, // 41: ferry.v1.Ferry.Logs:output_type -> ferry.v1.LogChunk
-	16, // 42: ferry.v1.Ferry.Events:output_type -> ferry.v1.Event
-	20, // 43: ferry.v1.Ferry.Node:output_type -> ferry.v1.NodeReport
-	22, // 44: ferry.v1.Ferry.Migrate:output_type -> ferry.v1.Migration
-	22, // 45: ferry.v1.Ferry.GetMigration:output_type -> ferry.v1.Migration
-	25, // 46: ferry.v1.Ferry.ListMigrations:output_type -> ferry.v1.ListMigrationsResponse
-	27, // 47: ferry.v1.Ferry.PrepareIncoming:output_type -> ferry.v1.PrepareIncomingResponse
-	29, // 48: ferry.v1.Ferry.SendImages:output_type -> ferry.v1.SendImagesResponse
-	31, // 49: ferry.v1.Ferry.RestoreIncoming:output_type -> ferry.v1.RestoreIncomingResponse
-	33, // 50: ferry.v1.Ferry.AbortIncoming:output_type -> ferry.v1.AbortIncomingResponse
-	34, // [34:51] is the sub-list for method output_type
-	17, // [17:34] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	2,  // 0: ferry.v1.VersionResponse.features:type_name -> ferry.v1.MigrationFeatures
+	3,  // 1: ferry.v1.RunContainerRequest.guarantee:type_name -> ferry.v1.Resources
+	3,  // 2: ferry.v1.RunContainerRequest.ceiling:type_name -> ferry.v1.Resources
+	39, // 3: ferry.v1.RunContainerRequest.sysctls:type_name -> ferry.v1.RunContainerRequest.SysctlsEntry
+	3,  // 4: ferry.v1.Container.guarantee:type_name -> ferry.v1.Resources
+	3,  // 5: ferry.v1.Container.ceiling:type_name -> ferry.v1.Resources
+	40, // 6: ferry.v1.Container.sysctls:type_name -> ferry.v1.Container.SysctlsEntry
+	3,  // 7: ferry.v1.Container.effective_ceiling:type_name -> ferry.v1.Resources
+	5,  // 8: ferry.v1.ListContainersResponse.containers:type_name -> ferry.v1.Container
+	41, // 9: ferry.v1.Event.attributes:type_name -> ferry.v1.Event.AttributesEntry
+	3,  // 10: ferry.v1.ContainerResources.guarantee:type_name -> ferry.v1.Resources
+	3,  // 11: ferry.v1.ContainerResources.ceiling:type_name -> ferry.v1.Resources
+	3,  // 12: ferry.v1.ContainerResources.effective_ceiling:type_name -> ferry.v1.Resources
+	3,  // 13: ferry.v1.ContainerResources.used:type_name -> ferry.v1.Resources
+	19, // 14: ferry.v1.NodeReport.cpu:type_name -> ferry.v1.ResourceReport
+	19, // 15: ferry.v1.NodeReport.memory:type_name -> ferry.v1.ResourceReport
+	20, // 16: ferry.v1.NodeReport.containers:type_name -> ferry.v1.ContainerResources
+	23, // 17: ferry.v1.ListMigrationsResponse.migrations:type_name -> ferry.v1.Migration
+	0,  // 18: ferry.v1.Ferry.Version:input_type -> ferry.v1.VersionRequest
+	4,  // 19: ferry.v1.Ferry.RunContainer:input_type -> ferry.v1.RunContainerRequest
+	6,  // 20: ferry.v1.Ferry.ListContainers:input_type -> ferry.v1.ListContainersRequest
+	8,  // 21: ferry.v1.Ferry.GetContainer:input_type -> ferry.v1.GetContainerRequest
+	9,  // 22: ferry.v1.Ferry.StopContainer:input_type -> ferry.v1.StopContainerRequest
+	10, // 23: ferry.v1.Ferry.RemoveContainer:input_type -> ferry.v1.RemoveContainerRequest
+	12, // 24: ferry.v1.Ferry.Exec:input_type -> ferry.v1.ExecRequest
+	14, // 25: ferry.v1.Ferry.Logs:input_type -> ferry.v1.LogsRequest
+	16, // 26: ferry.v1.Ferry.Events:input_type -> ferry.v1.EventsRequest
+	18, // 27: ferry.v1.Ferry.Node:input_type -> ferry.v1.NodeRequest
+	22, // 28: ferry.v1.Ferry.Migrate:input_type -> ferry.v1.MigrateRequest
+	25, // 29: ferry.v1.Ferry.GetMigration:input_type -> ferry.v1.GetMigrationRequest
+	26, // 30: ferry.v1.Ferry.ListMigrations:input_type -> ferry.v1.ListMigrationsRequest
+	24, // 31: ferry.v1.Ferry.CancelMigration:input_type -> ferry.v1.CancelMigrationRequest
+	28, // 32: ferry.v1.Ferry.PrepareIncoming:input_type -> ferry.v1.PrepareIncomingRequest
+	30, // 33: ferry.v1.Ferry.SendImages:input_type -> ferry.v1.ImageChunk
+	32, // 34: ferry.v1.Ferry.RestoreIncoming:input_type -> ferry.v1.RestoreIncomingRequest
+	34, // 35: ferry.v1.Ferry.AbortIncoming:input_type -> ferry.v1.AbortIncomingRequest
+	36, // 36: ferry.v1.Ferry.PageTunnel:input_type -> ferry.v1.TunnelChunk
+	37, // 37: ferry.v1.Ferry.CompleteIncoming:input_type -> ferry.v1.CompleteIncomingRequest
+	1,  // 38: ferry.v1.Ferry.Version:output_type -> ferry.v1.VersionResponse
+	5,  // 39: ferry.v1.Ferry.RunContainer:output_type -> ferry.v1.Container
+	7,  // 40: ferry.v1.Ferry.ListContainers:output_type -> ferry.v1.ListContainersResponse
+	5,  // 41: ferry.v1.Ferry.GetContainer:output_type -> ferry.v1.Container
+	5,  // 42: ferry.v1.Ferry.StopContainer:output_type -> ferry.v1.Container
+	11, // 43: ferry.v1.Ferry.RemoveContainer:output_type -> ferry.v1.RemoveContainerResponse
+	13, // 44: ferry.v1.Ferry.Exec:output_type -> ferry.v1.ExecOutput
+	15, // 45: ferry.v1.Ferry.Logs:output_type -> ferry.v1.LogChunk
+	17, // 46: ferry.v1.Ferry.Events:output_type -> ferry.v1.Event
+	21, // 47: ferry.v1.Ferry.Node:output_type -> ferry.v1.NodeReport
+	23, // 48: ferry.v1.Ferry.Migrate:output_type -> ferry.v1.Migration
+	23, // 49: ferry.v1.Ferry.GetMigration:output_type -> ferry.v1.Migration
+	27, // 50: ferry.v1.Ferry.ListMigrations:output_type -> ferry.v1.ListMigrationsResponse
+	23, // 51: ferry.v1.Ferry.CancelMigration:output_type -> ferry.v1.Migration
+	29, // 52: ferry.v1.Ferry.PrepareIncoming:output_type -> ferry.v1.PrepareIncomingResponse
+	31, // 53: ferry.v1.Ferry.SendImages:output_type -> ferry.v1.SendImagesResponse
+	33, // 54: ferry.v1.Ferry.RestoreIncoming:output_type -> ferry.v1.RestoreIncomingResponse
+	35, // 55: ferry.v1.Ferry.AbortIncoming:output_type -> ferry.v1.AbortIncomingResponse
+	36, // 56: ferry.v1.Ferry.PageTunnel:output_type -> ferry.v1.TunnelChunk
+	38, // 57: ferry.v1.Ferry.CompleteIncoming:output_type -> ferry.v1.CompleteIncomingResponse
+	38, // [38:58] is the sub-list for method output_type
+	18, // [18:38] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_ferry_proto_init() }
@@ -2818,7 +3150,7 @@ func file_ferry_proto_init() {
 	if File_ferry_proto != nil {
 		return
 	}
-	file_ferry_proto_msgTypes[12].OneofWrappers = []any{
+	file_ferry_proto_msgTypes[13].OneofWrappers = []any{
 		(*ExecOutput_Stdout)(nil),
 		(*ExecOutput_Stderr)(nil),
 		(*ExecOutput_ExitCode)(nil),
@@ -2829,7 +3161,7 @@ func file_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_proto_rawDesc), len(file_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   37,
+			NumMessages:   42,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

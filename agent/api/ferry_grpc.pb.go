@@ -22,23 +22,26 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Ferry_Version_FullMethodName         = "/ferry.v1.Ferry/Version"
-	Ferry_RunContainer_FullMethodName    = "/ferry.v1.Ferry/RunContainer"
-	Ferry_ListContainers_FullMethodName  = "/ferry.v1.Ferry/ListContainers"
-	Ferry_GetContainer_FullMethodName    = "/ferry.v1.Ferry/GetContainer"
-	Ferry_StopContainer_FullMethodName   = "/ferry.v1.Ferry/StopContainer"
-	Ferry_RemoveContainer_FullMethodName = "/ferry.v1.Ferry/RemoveContainer"
-	Ferry_Exec_FullMethodName            = "/ferry.v1.Ferry/Exec"
-	Ferry_Logs_FullMethodName            = "/ferry.v1.Ferry/Logs"
-	Ferry_Events_FullMethodName          = "/ferry.v1.Ferry/Events"
-	Ferry_Node_FullMethodName            = "/ferry.v1.Ferry/Node"
-	Ferry_Migrate_FullMethodName         = "/ferry.v1.Ferry/Migrate"
-	Ferry_GetMigration_FullMethodName    = "/ferry.v1.Ferry/GetMigration"
-	Ferry_ListMigrations_FullMethodName  = "/ferry.v1.Ferry/ListMigrations"
-	Ferry_PrepareIncoming_FullMethodName = "/ferry.v1.Ferry/PrepareIncoming"
-	Ferry_SendImages_FullMethodName      = "/ferry.v1.Ferry/SendImages"
-	Ferry_RestoreIncoming_FullMethodName = "/ferry.v1.Ferry/RestoreIncoming"
-	Ferry_AbortIncoming_FullMethodName   = "/ferry.v1.Ferry/AbortIncoming"
+	Ferry_Version_FullMethodName          = "/ferry.v1.Ferry/Version"
+	Ferry_RunContainer_FullMethodName     = "/ferry.v1.Ferry/RunContainer"
+	Ferry_ListContainers_FullMethodName   = "/ferry.v1.Ferry/ListContainers"
+	Ferry_GetContainer_FullMethodName     = "/ferry.v1.Ferry/GetContainer"
+	Ferry_StopContainer_FullMethodName    = "/ferry.v1.Ferry/StopContainer"
+	Ferry_RemoveContainer_FullMethodName  = "/ferry.v1.Ferry/RemoveContainer"
+	Ferry_Exec_FullMethodName             = "/ferry.v1.Ferry/Exec"
+	Ferry_Logs_FullMethodName             = "/ferry.v1.Ferry/Logs"
+	Ferry_Events_FullMethodName           = "/ferry.v1.Ferry/Events"
+	Ferry_Node_FullMethodName             = "/ferry.v1.Ferry/Node"
+	Ferry_Migrate_FullMethodName          = "/ferry.v1.Ferry/Migrate"
+	Ferry_GetMigration_FullMethodName     = "/ferry.v1.Ferry/GetMigration"
+	Ferry_ListMigrations_FullMethodName   = "/ferry.v1.Ferry/ListMigrations"
+	Ferry_CancelMigration_FullMethodName  = "/ferry.v1.Ferry/CancelMigration"
+	Ferry_PrepareIncoming_FullMethodName  = "/ferry.v1.Ferry/PrepareIncoming"
+	Ferry_SendImages_FullMethodName       = "/ferry.v1.Ferry/SendImages"
+	Ferry_RestoreIncoming_FullMethodName  = "/ferry.v1.Ferry/RestoreIncoming"
+	Ferry_AbortIncoming_FullMethodName    = "/ferry.v1.Ferry/AbortIncoming"
+	Ferry_PageTunnel_FullMethodName       = "/ferry.v1.Ferry/PageTunnel"
+	Ferry_CompleteIncoming_FullMethodName = "/ferry.v1.Ferry/CompleteIncoming"
 )
 
 // FerryClient is the client API for Ferry service.
@@ -76,6 +79,11 @@ type FerryClient interface {
 	GetMigration(ctx context.Context, in *GetMigrationRequest, opts ...grpc.CallOption) (*Migration, error)
 	// ListMigrations returns the migrations this agent ran as the source.
 	ListMigrations(ctx context.Context, in *ListMigrationsRequest, opts ...grpc.CallOption) (*ListMigrationsResponse, error)
+	// CancelMigration stops a running migration before the container is
+	// frozen; the container keeps running here. After the freeze it is
+	// refused (FAILED_PRECONDITION): the migration then ends by itself,
+	// moved or rolled back.
+	CancelMigration(ctx context.Context, in *CancelMigrationRequest, opts ...grpc.CallOption) (*Migration, error)
 	// The peer side of a migration, called by the source agent over mutual
 	// TLS; refused on the local socket.
 	//
@@ -88,8 +96,18 @@ type FerryClient interface {
 	// RestoreIncoming restores the container, brings its network up and
 	// confirms; after a successful reply the source deletes its copy.
 	RestoreIncoming(ctx context.Context, in *RestoreIncomingRequest, opts ...grpc.CallOption) (*RestoreIncomingResponse, error)
-	// AbortIncoming removes everything PrepareIncoming and SendImages made.
+	// AbortIncoming removes everything PrepareIncoming and SendImages made,
+	// and in post-copy the restored container whose pages were still moving.
 	AbortIncoming(ctx context.Context, in *AbortIncomingRequest, opts ...grpc.CallOption) (*AbortIncomingResponse, error)
+	// PageTunnel carries CRIU's page traffic of a post-copy migration inside
+	// this channel: the destination's lazy-pages daemon at one end, the
+	// source's page server at the other, each on a private loopback. The
+	// source opens it; its first message names the migration.
+	PageTunnel(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[TunnelChunk, TunnelChunk], error)
+	// CompleteIncoming waits until a post-copy restore has every page and
+	// answers whether it has: the confirmation after which the source
+	// deletes its copy.
+	CompleteIncoming(ctx context.Context, in *CompleteIncomingRequest, opts ...grpc.CallOption) (*CompleteIncomingResponse, error)
 }
 
 type ferryClient struct {
@@ -266,6 +284,16 @@ func (c *ferryClient) ListMigrations(ctx context.Context, in *ListMigrationsRequ
 	return out, nil
 }
 
+func (c *ferryClient) CancelMigration(ctx context.Context, in *CancelMigrationRequest, opts ...grpc.CallOption) (*Migration, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Migration)
+	err := c.cc.Invoke(ctx, Ferry_CancelMigration_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *ferryClient) PrepareIncoming(ctx context.Context, in *PrepareIncomingRequest, opts ...grpc.CallOption) (*PrepareIncomingResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(PrepareIncomingResponse)
@@ -309,6 +337,29 @@ func (c *ferryClient) AbortIncoming(ctx context.Context, in *AbortIncomingReques
 	return out, nil
 }
 
+func (c *ferryClient) PageTunnel(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[TunnelChunk, TunnelChunk], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Ferry_ServiceDesc.Streams[5], Ferry_PageTunnel_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[TunnelChunk, TunnelChunk]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Ferry_PageTunnelClient = grpc.BidiStreamingClient[TunnelChunk, TunnelChunk]
+
+func (c *ferryClient) CompleteIncoming(ctx context.Context, in *CompleteIncomingRequest, opts ...grpc.CallOption) (*CompleteIncomingResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CompleteIncomingResponse)
+	err := c.cc.Invoke(ctx, Ferry_CompleteIncoming_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // FerryServer is the server API for Ferry service.
 // All implementations must embed UnimplementedFerryServer
 // for forward compatibility.
@@ -344,6 +395,11 @@ type FerryServer interface {
 	GetMigration(context.Context, *GetMigrationRequest) (*Migration, error)
 	// ListMigrations returns the migrations this agent ran as the source.
 	ListMigrations(context.Context, *ListMigrationsRequest) (*ListMigrationsResponse, error)
+	// CancelMigration stops a running migration before the container is
+	// frozen; the container keeps running here. After the freeze it is
+	// refused (FAILED_PRECONDITION): the migration then ends by itself,
+	// moved or rolled back.
+	CancelMigration(context.Context, *CancelMigrationRequest) (*Migration, error)
 	// The peer side of a migration, called by the source agent over mutual
 	// TLS; refused on the local socket.
 	//
@@ -356,8 +412,18 @@ type FerryServer interface {
 	// RestoreIncoming restores the container, brings its network up and
 	// confirms; after a successful reply the source deletes its copy.
 	RestoreIncoming(context.Context, *RestoreIncomingRequest) (*RestoreIncomingResponse, error)
-	// AbortIncoming removes everything PrepareIncoming and SendImages made.
+	// AbortIncoming removes everything PrepareIncoming and SendImages made,
+	// and in post-copy the restored container whose pages were still moving.
 	AbortIncoming(context.Context, *AbortIncomingRequest) (*AbortIncomingResponse, error)
+	// PageTunnel carries CRIU's page traffic of a post-copy migration inside
+	// this channel: the destination's lazy-pages daemon at one end, the
+	// source's page server at the other, each on a private loopback. The
+	// source opens it; its first message names the migration.
+	PageTunnel(grpc.BidiStreamingServer[TunnelChunk, TunnelChunk]) error
+	// CompleteIncoming waits until a post-copy restore has every page and
+	// answers whether it has: the confirmation after which the source
+	// deletes its copy.
+	CompleteIncoming(context.Context, *CompleteIncomingRequest) (*CompleteIncomingResponse, error)
 	mustEmbedUnimplementedFerryServer()
 }
 
@@ -407,6 +473,9 @@ func (UnimplementedFerryServer) GetMigration(context.Context, *GetMigrationReque
 func (UnimplementedFerryServer) ListMigrations(context.Context, *ListMigrationsRequest) (*ListMigrationsResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ListMigrations not implemented")
 }
+func (UnimplementedFerryServer) CancelMigration(context.Context, *CancelMigrationRequest) (*Migration, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CancelMigration not implemented")
+}
 func (UnimplementedFerryServer) PrepareIncoming(context.Context, *PrepareIncomingRequest) (*PrepareIncomingResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method PrepareIncoming not implemented")
 }
@@ -418,6 +487,12 @@ func (UnimplementedFerryServer) RestoreIncoming(context.Context, *RestoreIncomin
 }
 func (UnimplementedFerryServer) AbortIncoming(context.Context, *AbortIncomingRequest) (*AbortIncomingResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method AbortIncoming not implemented")
+}
+func (UnimplementedFerryServer) PageTunnel(grpc.BidiStreamingServer[TunnelChunk, TunnelChunk]) error {
+	return status.Errorf(codes.Unimplemented, "method PageTunnel not implemented")
+}
+func (UnimplementedFerryServer) CompleteIncoming(context.Context, *CompleteIncomingRequest) (*CompleteIncomingResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CompleteIncoming not implemented")
 }
 func (UnimplementedFerryServer) mustEmbedUnimplementedFerryServer() {}
 func (UnimplementedFerryServer) testEmbeddedByValue()               {}
@@ -646,6 +721,24 @@ func _Ferry_ListMigrations_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Ferry_CancelMigration_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CancelMigrationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(FerryServer).CancelMigration(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Ferry_CancelMigration_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(FerryServer).CancelMigration(ctx, req.(*CancelMigrationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Ferry_PrepareIncoming_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(PrepareIncomingRequest)
 	if err := dec(in); err != nil {
@@ -707,6 +800,31 @@ func _Ferry_AbortIncoming_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Ferry_PageTunnel_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(FerryServer).PageTunnel(&grpc.GenericServerStream[TunnelChunk, TunnelChunk]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Ferry_PageTunnelServer = grpc.BidiStreamingServer[TunnelChunk, TunnelChunk]
+
+func _Ferry_CompleteIncoming_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CompleteIncomingRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(FerryServer).CompleteIncoming(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Ferry_CompleteIncoming_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(FerryServer).CompleteIncoming(ctx, req.(*CompleteIncomingRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Ferry_ServiceDesc is the grpc.ServiceDesc for Ferry service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -751,6 +869,10 @@ var Ferry_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _Ferry_ListMigrations_Handler,
 		},
 		{
+			MethodName: "CancelMigration",
+			Handler:    _Ferry_CancelMigration_Handler,
+		},
+		{
 			MethodName: "PrepareIncoming",
 			Handler:    _Ferry_PrepareIncoming_Handler,
 		},
@@ -761,6 +883,10 @@ var Ferry_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "AbortIncoming",
 			Handler:    _Ferry_AbortIncoming_Handler,
+		},
+		{
+			MethodName: "CompleteIncoming",
+			Handler:    _Ferry_CompleteIncoming_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
@@ -787,6 +913,12 @@ var Ferry_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "SendImages",
 			Handler:       _Ferry_SendImages_Handler,
+			ClientStreams: true,
+		},
+		{
+			StreamName:    "PageTunnel",
+			Handler:       _Ferry_PageTunnel_Handler,
+			ServerStreams: true,
 			ClientStreams: true,
 		},
 	},

@@ -165,6 +165,8 @@ type MigrationJSON struct {
 	CriuFrozenMs        int64  `json:"criu_frozen_ms"`
 	PagesWritten        int64  `json:"pages_written"`
 	PredictedDowntimeMs int64  `json:"predicted_downtime_ms"`
+	PostcopyMs          int64  `json:"postcopy_ms"`
+	PostcopyBytes       int64  `json:"postcopy_bytes"`
 	StartedAt           string `json:"started_at"`
 	FinishedAt          string `json:"finished_at"`
 }
@@ -176,5 +178,6 @@ func MigrationView(m *api.Migration) MigrationJSON {
 		Rounds: m.GetRounds(), BytesSent: m.GetBytesSent(), TotalMs: m.GetTotalMs(), FrozenMs: m.GetFrozenMs(),
 		DumpMs: m.GetDumpMs(), TransferMs: m.GetTransferMs(), RestoreMs: m.GetRestoreMs(), CriuFrozenMs: m.GetCriuFrozenMs(),
 		PagesWritten: m.GetPagesWritten(), PredictedDowntimeMs: m.GetPredictedDowntimeMs(),
+		PostcopyMs: m.GetPostcopyMs(), PostcopyBytes: m.GetPostcopyBytes(),
 		StartedAt: m.GetStartedAt(), FinishedAt: m.GetFinishedAt()}
 }

@@ -571,8 +571,18 @@ then the container is frozen, dumped with CRIU, its images, upper layer and log 
 inside the authenticated channel, and the peer restores it. Only the peer's confirmation
 deletes the copy here; any failure before it thaws the container where it was.
 
-Modes: auto (default), stopcopy, precopy (needs soft-dirty memory tracking on both
-kernels), postcopy. The progress is printed per phase, then a summary.`,
+Modes:
+  stopcopy  freeze, dump everything, send, restore: the downtime grows with the memory.
+  postcopy  freeze, dump all but the memory, restore on the peer at once; the peer
+            fetches each page on fault (and the rest in the background) from this
+            node's frozen copy, through a tunnel inside the same channel. This copy
+            is deleted only once the peer has every page. Needs userfaultfd and, without
+            CAP_SYS_RESOURCE, fs.pipe-max-size >= 4 MiB on both nodes.
+  precopy   pre-dump rounds while the container runs (needs soft-dirty; not built yet).
+  auto      (default) stopcopy when its predicted downtime fits --max-downtime, else
+            postcopy where both nodes can; it says which it ran and why.
+The progress is printed per phase, then a summary. Interrupting ferryctl before the
+freeze cancels the migration; afterwards the migration runs to its end on the agent.`,
 		Example: "  ferryctl migrate web --to 10.0.0.2:7443",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -646,6 +656,9 @@ func printMigrationSummary(m *api.Migration) {
 	fmt.Printf("  rounds:     %d\n  bytes:      %s\n", m.Rounds, humanBytes(float64(m.BytesSent)))
 	fmt.Printf("  total:      %d ms\n  downtime:   %d ms (frozen; CRIU's own frozen time %d ms)\n", m.TotalMs, m.FrozenMs, m.CriuFrozenMs)
 	fmt.Printf("  dump:       %d ms\n  transfer:   %d ms\n  restore:    %d ms\n", m.DumpMs, m.TransferMs, m.RestoreMs)
+	if m.Mode == "postcopy" {
+		fmt.Printf("  post-copy:  %d ms after the restore until the last page was in (%s of pages)\n", m.PostcopyMs, humanBytes(float64(m.PostcopyBytes)))
+	}
 	if m.Error != "" {
 		fmt.Printf("  error:      %s\n", m.Error)
 	}
@@ -687,6 +700,28 @@ func migrationsCmd() *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
+	cmd.AddCommand(&cobra.Command{
+		Use:   "cancel ID",
+		Short: "Cancel a running migration before its freeze; the container keeps running here",
+		Long: `Cancel a migration this node runs as the source. Before the container is frozen the
+migration stops, the peer removes what it prepared and the container runs on here
+untouched. Once frozen, a migration cannot be cancelled: it ends by itself, moved to
+the peer or rolled back here (FailedPrecondition).`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := dial()
+			if err != nil {
+				return err
+			}
+			defer func() { _ = c.Close() }()
+			m, err := c.CancelMigration(cmd.Context(), &api.CancelMigrationRequest{Id: args[0]})
+			if err != nil {
+				return c.Explain(err)
+			}
+			printMigrationSummary(m)
+			return nil
+		},
+	})
 	return cmd
 }
 

@@ -1,0 +1,413 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/opencontainers/runc/libcontainer"
+
+	"github.com/ferry-agent/ferry/agent/api"
+	"github.com/ferry-agent/ferry/internal/atomicfile"
+	"github.com/ferry-agent/ferry/internal/privnet"
+	"github.com/ferry-agent/ferry/migrate"
+)
+
+// Post-copy runs CRIU's page traffic on a private loopback at each end
+// (internal/privnet) and carries it between the agents in a PageTunnel
+// stream of the mutual-TLS channel:
+//
+//	source: CRIU dump --lazy-pages, its page server on 127.0.0.1:lazyPort
+//	        of a private namespace <- ferryd dials it
+//	   ===== PageTunnel (gRPC, mutual TLS) =====
+//	dest:   ferryd listens on 127.0.0.1:lazyPort of a private namespace
+//	        <- `criu lazy-pages` dials it; `criu restore --lazy-pages`
+//	        hands the restored tasks' userfaultfds to that daemon
+//
+// Each namespace is the migration's own, so the one fixed port never
+// collides and nothing else on either host can reach the pages.
+const lazyPort = 2700
+
+var lazyAddr = net.JoinHostPort("127.0.0.1", strconv.Itoa(lazyPort))
+
+// lazyDump is the source's half: the dump serving pages until the peer
+// has them all.
+type lazyDump struct {
+	ns   *privnet.NS
+	conn net.Conn   // to CRIU's page server, once it listens
+	done chan error // the dump's end: nil when every page was served
+}
+
+// startLazyDump dumps the (frozen) container with its memory left in
+// CRIU's page pipes, and returns once CRIU's page server takes the
+// connection ferryd will tunnel.
+func (a *Agent) startLazyDump(ctx context.Context, lc *libcontainer.Container, images, work string) (_ *lazyDump, retErr error) {
+	ns, err := privnet.New()
+	if err != nil {
+		return nil, err
+	}
+	d := &lazyDump{ns: ns, done: make(chan error, 1)}
+	defer func() {
+		if retErr != nil {
+			_ = ns.Close()
+		}
+	}()
+	go func() {
+		// CRIU (criu swrk) is started on this namespace's thread, so its
+		// page server listens there.
+		d.done <- ns.Do(func() error {
+			return lc.Checkpoint(&libcontainer.CriuOpts{ImagesDirectory: images, WorkDirectory: work,
+				LeaveRunning: true, TcpEstablished: true, FileLocks: true,
+				LazyPages: true, StatusFd: -1, PageServer: libcontainer.CriuPageServerInfo{Address: "127.0.0.1", Port: lazyPort}})
+		})
+	}()
+	// The page server listens once the dump is written; poll for it.
+	deadline := time.Now().Add(5 * time.Minute)
+	for {
+		select {
+		case err := <-d.done:
+			if err == nil {
+				err = errors.New("CRIU ended without serving the pages")
+			}
+			return nil, fmt.Errorf("dump: %w%s", err, criuLogTail(filepath.Join(work, "dump.log")))
+		case <-ctx.Done():
+			return nil, errors.Join(ctx.Err(), d.abort())
+		default:
+		}
+		dctx, cancel := context.WithTimeout(ctx, time.Second)
+		c, err := ns.Dial(dctx, lazyAddr)
+		cancel()
+		if err == nil {
+			d.conn = c
+			return d, nil
+		}
+		if time.Now().After(deadline) {
+			return nil, errors.Join(fmt.Errorf("dump: CRIU's page server did not listen within 5 minutes: %w", err), d.abort())
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// abort ends a dump whose pages will not be fetched: closing the page
+// server's connection makes CRIU fail, resuming the tasks as it found them
+// (frozen by ferryd), and waits for it.
+func (d *lazyDump) abort() error {
+	if d.conn != nil {
+		_ = d.conn.Close()
+	}
+	var err error
+	select {
+	case err = <-d.done:
+		d.done <- err
+	case <-time.After(2 * time.Minute):
+		err = errors.New("CRIU's lazy dump did not end 2 minutes after its connection closed")
+	}
+	_ = d.ns.Close()
+	return err
+}
+
+// criuLogTail returns the last error lines of a CRIU log, for messages.
+func criuLogTail(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil || len(b) == 0 {
+		return ""
+	}
+	if len(b) > 600 {
+		b = b[len(b)-600:]
+	}
+	return " (" + filepath.Base(path) + ": ..." + string(b) + ")"
+}
+
+// openTunnel opens the source's end of a PageTunnel and pumps conn through it.
+func (a *Agent) openTunnel(ctx context.Context, peer api.FerryClient, id string, conn net.Conn, pace *pacer, sent *atomic.Int64) (<-chan error, error) {
+	stream, err := peer.PageTunnel(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := stream.Send(&api.TunnelChunk{MigrationId: id}); err != nil {
+		return nil, err
+	}
+	done := make(chan error, 1)
+	go func() {
+		err := pump(conn, stream.Send, stream.Recv, pace, sent)
+		if cerr := stream.CloseSend(); err == nil {
+			err = cerr
+		}
+		done <- err
+	}()
+	return done, nil
+}
+
+// pump copies between a CRIU connection and a tunnel stream until both
+// directions have ended (each end sends an EOF mark when its side closes
+// its writing half) or either fails; conn is closed on return.
+func pump(conn net.Conn, send func(*api.TunnelChunk) error, recv func() (*api.TunnelChunk, error), pace *pacer, sent *atomic.Int64) error {
+	defer func() { _ = conn.Close() }()
+	errc := make(chan error, 2)
+	var once sync.Once
+	fail := func() { once.Do(func() { _ = conn.Close() }) } // unblocks the other direction
+	go func() {                                             // CRIU -> peer
+		buf := make([]byte, 256<<10)
+		for {
+			n, err := conn.Read(buf)
+			if n > 0 {
+				pace.wait(n)
+				if serr := send(&api.TunnelChunk{Data: buf[:n]}); serr != nil {
+					fail()
+					errc <- fmt.Errorf("tunnel send: %w", serr)
+					return
+				}
+				if sent != nil {
+					sent.Add(int64(n))
+				}
+			}
+			if errors.Is(err, io.EOF) {
+				errc <- send(&api.TunnelChunk{Eof: true})
+				return
+			}
+			if err != nil {
+				fail()
+				errc <- fmt.Errorf("read CRIU's connection: %w", err)
+				return
+			}
+		}
+	}()
+	go func() { // peer -> CRIU
+		for {
+			ch, err := recv()
+			if err != nil {
+				fail()
+				if errors.Is(err, io.EOF) {
+					err = io.ErrUnexpectedEOF // the peer ended without its EOF mark
+				}
+				errc <- fmt.Errorf("tunnel receive: %w", err)
+				return
+			}
+			if len(ch.Data) > 0 {
+				if _, err := conn.Write(ch.Data); err != nil {
+					fail()
+					errc <- fmt.Errorf("write CRIU's connection: %w", err)
+					return
+				}
+			}
+			if ch.Eof {
+				if tc, ok := conn.(*net.TCPConn); ok {
+					_ = tc.CloseWrite()
+				}
+				errc <- nil
+				return
+			}
+		}
+	}()
+	return errors.Join(<-errc, <-errc)
+}
+
+// pacer holds a stream of writes to a rate in bytes per second (0: none).
+type pacer struct {
+	rate  float64
+	start time.Time
+	n     int64
+}
+
+func newPacer(rate int64) *pacer { return &pacer{rate: float64(rate), start: time.Now()} }
+
+func (p *pacer) wait(n int) {
+	if p == nil || p.rate <= 0 {
+		return
+	}
+	p.n += int64(n)
+	due := p.start.Add(time.Duration(float64(p.n) / p.rate * float64(time.Second)))
+	if d := time.Until(due); d > 0 {
+		time.Sleep(d)
+	}
+}
+
+// The destination's half.
+
+// prepareLazy makes the incoming migration's private namespace and the
+// listener the lazy-pages daemon will reach the tunnel by.
+func (in *incoming) prepareLazy() error {
+	ns, err := privnet.New()
+	if err != nil {
+		return err
+	}
+	ln, err := ns.Listen(lazyAddr)
+	if err != nil {
+		_ = ns.Close()
+		return fmt.Errorf("page tunnel listener: %w", err)
+	}
+	in.pageNS, in.pageLn = ns, ln
+	return nil
+}
+
+// closeLazy stops the daemon (if it still runs) and drops the namespace.
+func (in *incoming) closeLazy() {
+	if in.pageLn != nil {
+		_ = in.pageLn.Close()
+	}
+	if in.lazyCmd != nil && in.lazyCmd.Process != nil {
+		_ = in.lazyCmd.Process.Kill()
+		<-in.lazyDone
+	}
+	_ = in.pageNS.Close()
+}
+
+// startLazyPages starts `criu lazy-pages` in the migration's namespace and
+// waits for its socket, which the restore connects to.
+func (a *Agent) startLazyPages(in *incoming, work string) error {
+	criu := a.cfg.CriuPath
+	if criu == "" {
+		criu = "criu"
+	}
+	if err := os.MkdirAll(work, 0o700); err != nil {
+		return err
+	}
+	cmd := exec.Command(criu, "lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", strconv.Itoa(lazyPort),
+		"--images-dir", in.images, "--work-dir", work, "--log-file", "lazy-pages.log", "-v2")
+	if err := in.pageNS.Start(cmd); err != nil {
+		return fmt.Errorf("start criu lazy-pages: %w", err)
+	}
+	in.lazyCmd, in.lazyDone = cmd, make(chan struct{})
+	go func() {
+		err := cmd.Wait()
+		if err != nil {
+			err = fmt.Errorf("criu lazy-pages: %w%s", err, criuLogTail(filepath.Join(work, "lazy-pages.log")))
+		}
+		in.lazyErr = err
+		close(in.lazyDone)
+	}()
+	sock := filepath.Join(work, "lazy-pages.socket")
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := os.Stat(sock); err == nil {
+			return nil
+		}
+		select {
+		case <-in.lazyDone:
+			return fmt.Errorf("criu lazy-pages ended before it listened: %w", in.lazyErr)
+		default:
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("criu lazy-pages: no %s within 30s", sock)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// PageTunnel is the destination's end of a post-copy page tunnel: it joins
+// the stream to the lazy-pages daemon's connection.
+func (a *Agent) PageTunnel(ctx context.Context, recv func() (*api.TunnelChunk, error), send func(*api.TunnelChunk) error) error {
+	first, err := recv()
+	if err != nil {
+		return err
+	}
+	in, err := a.getIncoming(first.GetMigrationId())
+	if err != nil {
+		return err
+	}
+	if in.pageLn == nil {
+		return fmt.Errorf("incoming migration %q: not a post-copy migration: %w", in.id, ErrFailedPrecondition)
+	}
+	if !in.tunnel.CompareAndSwap(false, true) {
+		return fmt.Errorf("incoming migration %q: page tunnel already open: %w", in.id, ErrAlreadyExists)
+	}
+	_ = in.pageLn.SetDeadline(time.Now().Add(incomingTimeout))
+	accepted := make(chan error, 1)
+	var conn net.Conn
+	go func() {
+		var err error
+		conn, err = in.pageLn.Accept()
+		accepted <- err
+	}()
+	select {
+	case err := <-accepted:
+		_ = in.pageLn.Close() // one connection only
+		if err != nil {
+			return fmt.Errorf("incoming migration %q: lazy-pages daemon never connected: %w", in.id, err)
+		}
+	case <-ctx.Done():
+		_ = in.pageLn.Close()
+		return ctx.Err()
+	}
+	return pump(conn, send, recv, nil, nil)
+}
+
+// finishLazy follows a post-copy restore until its daemon ends: with every
+// page in, the container is this node's; otherwise it is killed, because
+// a task missing pages cannot go on (and the source still holds them).
+func (a *Agent) finishLazy(in *incoming, restoredAt time.Time) {
+	<-in.lazyDone
+	c := in.c
+	if err := in.lazyErr; err != nil {
+		a.log.Error("post-copy failed; removing the restored copy", "container", c.name, "migration", in.id, "err", err)
+		in.setOutcome(err)
+		_ = a.abortIncoming(in, err.Error())
+		return
+	}
+	in.postcopy = time.Since(restoredAt)
+	a.mu.Lock()
+	c.creating, c.reason = false, ""
+	c.rec.Incoming = ""
+	rec := c.rec
+	a.mu.Unlock()
+	if err := atomicfile.WriteJSON(filepath.Join(c.dir, specFile), rec, 0o600); err != nil {
+		a.log.Warn("record container", "container", c.name, "err", err)
+	}
+	_ = in.pageNS.Close()
+	_ = os.RemoveAll(filepath.Dir(in.images))
+	a.log.Info("post-copy done: every page is in", "container", c.name, "migration", in.id, "postcopy_ms", in.postcopy.Milliseconds())
+	in.setOutcome(nil)
+}
+
+// CompleteIncoming waits for a post-copy restore to have every page.
+func (a *Agent) CompleteIncoming(ctx context.Context, id string) (*api.CompleteIncomingResponse, error) {
+	in, err := a.getIncoming(id)
+	if err != nil {
+		return nil, err
+	}
+	if in.outcome == nil {
+		return nil, fmt.Errorf("incoming migration %q: not a restored post-copy migration: %w", id, ErrFailedPrecondition)
+	}
+	select {
+	case <-in.outcome:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	if in.outErr != nil {
+		return nil, fmt.Errorf("incoming migration %q: post-copy: %w", id, in.outErr)
+	}
+	a.forgetIncoming(in)
+	return &api.CompleteIncomingResponse{PostcopyMs: in.postcopy.Milliseconds()}, nil
+}
+
+// setOutcome records how a post-copy restore ended; the first word stands.
+func (in *incoming) setOutcome(err error) {
+	in.outOnce.Do(func() {
+		in.outErr = err
+		close(in.outcome)
+	})
+}
+
+// forgetIncoming drops a finished incoming migration's entry.
+func (a *Agent) forgetIncoming(in *incoming) {
+	a.mu.Lock()
+	if a.incoming[in.id] == in {
+		delete(a.incoming, in.id)
+	}
+	a.mu.Unlock()
+	in.timer.Stop()
+}
+
+// Features of both ends as AutoMode takes them.
+func autoFeatures(here, peer *api.MigrationFeatures) migrate.Features {
+	return migrate.Features{Source: nodeFeatures(here), Dest: nodeFeatures(peer)}
+}
