@@ -695,7 +695,7 @@ func (a *Agent) Run(ctx context.Context, spec Spec) (_ *container, retErr error)
 	if err := a.guardContainer(ctx, c); err != nil {
 		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
 	}
-	ii, cmd, err := a.startMonitor(ctx, c.dir, restoreSource{})
+	ii, cmd, _, err := a.startMonitor(ctx, c.dir, restoreSource{})
 	if err != nil {
 		if strings.Contains(err.Error(), "executable file not found") || strings.Contains(err.Error(), "no such file or directory") {
 			return nil, fmt.Errorf("container %q: args[0] %q: cannot be executed in the rootfs: %w", spec.Name, spec.Args[0], errors.Join(err, ErrInvalidArgument))
@@ -732,16 +732,18 @@ func (a *Agent) Run(ctx context.Context, spec Spec) (_ *container, retErr error)
 }
 
 // startMonitor starts the container's monitor and waits for its report.
-func (a *Agent) startMonitor(ctx context.Context, dir string, restore restoreSource) (_ *initInfo, _ *exec.Cmd, retErr error) {
+// In a post-copy restore, the returned channel later yields how the page
+// transfer ended.
+func (a *Agent) startMonitor(ctx context.Context, dir string, restore restoreSource) (_ *initInfo, _ *exec.Cmd, _ <-chan error, retErr error) {
 	r, w, err := os.Pipe()
 	if err != nil {
-		return nil, nil, fmt.Errorf("ready pipe: %w", err)
+		return nil, nil, nil, fmt.Errorf("ready pipe: %w", err)
 	}
-	defer func() { _ = r.Close() }()
 	cmd, err := monitorCommand(a.cfg.Self, dir, a.lcRoot, a.cfg.LogMax, restore, w)
 	if err != nil {
 		_ = w.Close()
-		return nil, nil, err
+		_ = r.Close()
+		return nil, nil, nil, err
 	}
 	err = cmd.Start()
 	_ = w.Close()
@@ -749,7 +751,8 @@ func (a *Agent) startMonitor(ctx context.Context, dir string, restore restoreSou
 		_ = f.Close()
 	}
 	if err != nil {
-		return nil, nil, fmt.Errorf("start monitor: %w", err)
+		_ = r.Close()
+		return nil, nil, nil, fmt.Errorf("start monitor: %w", err)
 	}
 	defer func() {
 		if retErr != nil {
@@ -761,24 +764,52 @@ func (a *Agent) startMonitor(ctx context.Context, dir string, restore restoreSou
 		_ = atomicfile.WriteJSON(filepath.Join(dir, monitorPidFile), monitorPid{Pid: cmd.Process.Pid, Start: st}, 0o600)
 	}
 	replies := make(chan monitorReply, 1)
+	var lazyEnded chan error
+	if restore.lazy {
+		lazyEnded = make(chan error, 1)
+	}
 	go func() {
+		defer func() { _ = r.Close() }()
+		dec := json.NewDecoder(r)
 		var rep monitorReply
-		if err := json.NewDecoder(r).Decode(&rep); err != nil {
+		if err := dec.Decode(&rep); err != nil {
 			rep.Error = "monitor ended without a report: " + tail(filepath.Join(dir, monitorLog), 512)
 		}
 		replies <- rep
+		if lazyEnded == nil || rep.Error != "" {
+			return
+		}
+		var end monitorReply
+		switch err := dec.Decode(&end); {
+		case err != nil:
+			lazyEnded <- errors.New("the monitor ended without reporting the page transfer: " + tail(filepath.Join(dir, monitorLog), 512))
+		case end.Lazy == nil:
+			lazyEnded <- errors.New("the monitor sent no page transfer outcome")
+		case end.Lazy.Error != "":
+			lazyEnded <- errors.New(end.Lazy.Error)
+		default:
+			lazyEnded <- nil
+		}
 	}()
 	select {
 	case rep := <-replies:
 		if rep.Error != "" {
-			return nil, nil, errors.New(rep.Error)
+			return nil, nil, nil, errors.New(rep.Error)
 		}
-		return rep.Init, cmd, nil
+		return rep.Init, cmd, lazyEnded, nil
 	case <-ctx.Done():
-		return nil, nil, ctx.Err()
+		return nil, nil, nil, ctx.Err()
 	case <-time.After(60 * time.Second):
-		return nil, nil, errors.New("monitor did not report within 60s")
+		return nil, nil, nil, errors.New("monitor did not report within 60s")
 	}
+}
+
+// criuPath is the criu binary ferryd runs.
+func (a *Agent) criuPath() string {
+	if a.cfg.CriuPath == "" {
+		return "criu"
+	}
+	return a.cfg.CriuPath
 }
 
 func tail(path string, n int64) string {

@@ -38,9 +38,6 @@ type incoming struct {
 	pageNS   *privnet.NS      // private loopback for the lazy-pages daemon
 	pageLn   *net.TCPListener // where the daemon reaches the page tunnel
 	tunnel   atomic.Bool      // a PageTunnel is open
-	lazyCmd  *exec.Cmd        // criu lazy-pages
-	lazyDone chan struct{}    // closed when it ended; lazyErr says how
-	lazyErr  error
 	outcome  chan struct{} // closed when the restored copy has every page, or was removed
 	outErr   error
 	outOnce  sync.Once
@@ -365,17 +362,17 @@ func (a *Agent) RestoreIncoming(ctx context.Context, id string) (_ *api.RestoreI
 			return nil, fmt.Errorf("container %q: network: %w", c.name, err)
 		}
 	}
-	lazy := in.mode == migrate.ModePostCopy
-	if lazy {
-		if err := a.startLazyPages(in, in.images+"-work"); err != nil {
-			if a.net != nil {
-				_ = holdTCP(c.rec.Netns, false)
-				_ = a.net.Deactivate(context.Background(), c.name)
-			}
+	rs := restoreSource{images: in.images}
+	if lazy := in.mode == migrate.ModePostCopy; lazy {
+		nsf, err := in.pageNS.File()
+		if err != nil {
 			return nil, fmt.Errorf("container %q: post-copy: %w", c.name, err)
 		}
+		defer func() { _ = nsf.Close() }()
+		rs.lazy, rs.criu, rs.netns = true, a.criuPath(), nsf
 	}
-	ii, cmd, err := a.startMonitor(ctx, c.dir, restoreSource{images: in.images, lazy: lazy})
+	lazy := rs.lazy
+	ii, cmd, lazyEnded, err := a.startMonitor(ctx, c.dir, rs)
 	if a.net != nil {
 		if herr := holdTCP(c.rec.Netns, false); herr != nil {
 			a.log.Warn("release the restore's TCP hold", "container", c.name, "err", herr)
@@ -417,7 +414,7 @@ func (a *Agent) RestoreIncoming(ctx context.Context, id string) (_ *api.RestoreI
 	}
 	restoreMs := time.Since(start).Milliseconds()
 	if lazy {
-		go a.finishLazy(in, time.Now())
+		go a.finishLazy(in, time.Now(), lazyEnded)
 	} else {
 		go func() { _ = os.RemoveAll(filepath.Dir(in.images)) }() // off the confirmation's path
 	}

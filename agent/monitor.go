@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"syscall"
 	"time"
 
@@ -50,19 +51,32 @@ type exitInfo struct {
 	FinishedAt time.Time `json:"finished_at"`
 }
 
-// monitorReply is the monitor's one message to ferryd on the ready pipe.
+// monitorReply is a message from the monitor to ferryd on the ready pipe:
+// one (Init or Error), and in a post-copy restore a second one (Lazy).
 type monitorReply struct {
-	Init  *initInfo `json:"init,omitempty"`
+	Lazy  *lazyOutcome `json:"lazy,omitempty"`
+	Init  *initInfo    `json:"init,omitempty"`
 	Error string    `json:"error,omitempty"`
 }
 
 // monitorCommand builds the command that starts a monitor for the container
 // in dir. The ready pipe's write end becomes the monitor's fd 3.
+// lazyOutcome is how a post-copy restore's page transfer ended.
+type lazyOutcome struct {
+	Error string `json:"error,omitempty"` // "": every page came in
+}
+
 // restoreSource says where a monitor restores its container from; the zero
 // value starts it instead.
 type restoreSource struct {
 	images string
-	lazy   bool // post-copy: memory comes from a running criu lazy-pages
+	// Post-copy: the monitor runs criu lazy-pages in the migration's
+	// private network namespace (netns, passed as fd 4) and, should the
+	// daemon fail, kills the container at once: a task whose missing pages
+	// can no longer come would read zeros instead.
+	lazy  bool
+	criu  string
+	netns *os.File
 }
 
 func monitorCommand(self, dir, lcRoot string, logMax int64, restore restoreSource, ready *os.File) (*exec.Cmd, error) {
@@ -74,12 +88,15 @@ func monitorCommand(self, dir, lcRoot string, logMax int64, restore restoreSourc
 	if restore.images != "" {
 		args = append(args, "--restore", restore.images)
 		if restore.lazy {
-			args = append(args, "--lazy-pages")
+			args = append(args, "--lazy-pages", "--criu", restore.criu)
 		}
 	}
 	cmd := exec.Command(self, args...)
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.ExtraFiles = []*os.File{ready}
+	if restore.lazy {
+		cmd.ExtraFiles = append(cmd.ExtraFiles, restore.netns) // fd 4
+	}
 	// Its own session: signals to ferryd's process group never reach it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	cmd.Env = append(os.Environ(), "GOGC=50")
@@ -96,33 +113,53 @@ func RunMonitor(args []string) int {
 	lcRoot := fs.String("lc-root", "", "libcontainer state root")
 	logMax := fs.Int64("log-max", 10<<20, "log size cap in bytes")
 	restore := fs.String("restore", "", "restore the container from these CRIU images instead of starting it")
-	lazy := fs.Bool("lazy-pages", false, "restore its memory from the criu lazy-pages daemon whose socket is in IMAGES-work")
+	lazy := fs.Bool("lazy-pages", false, "post-copy: run criu lazy-pages (work dir IMAGES-work) in the network namespace on fd 4 and restore the memory from it")
+	criu := fs.String("criu", "criu", "the criu binary, for --lazy-pages")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("container", filepath.Base(*dir))
 	logrus.SetOutput(os.Stderr)
 	ready := os.NewFile(3, "ready")
-	reply := func(r monitorReply) {
+	var mu sync.Mutex
+	reply := func(r monitorReply, last bool) {
+		mu.Lock()
+		defer mu.Unlock()
 		if ready == nil {
 			return
 		}
+		// ferryd may be gone: a write error is all that comes of it.
 		if err := json.NewEncoder(ready).Encode(r); err != nil {
 			log.Warn("reply to ferryd", "err", err)
 		}
-		_ = ready.Close()
-		ready = nil
+		if last {
+			_ = ready.Close()
+			ready = nil
+		}
 	}
-	code, err := monitor(*dir, *lcRoot, *logMax, restoreSource{images: *restore, lazy: *lazy}, log, func(ii *initInfo) { reply(monitorReply{Init: ii}) })
+	rs := restoreSource{images: *restore, lazy: *lazy, criu: *criu}
+	if *lazy {
+		rs.netns = os.NewFile(4, "netns")
+	}
+	code, err := monitor(*dir, *lcRoot, *logMax, rs, log,
+		func(ii *initInfo) { reply(monitorReply{Init: ii}, !*lazy) },
+		func(err error) {
+			o := &lazyOutcome{}
+			if err != nil {
+				o.Error = err.Error()
+			}
+			reply(monitorReply{Lazy: o}, true)
+		})
 	if err != nil {
 		log.Error("monitor failed", "err", err)
-		reply(monitorReply{Error: err.Error()})
+		reply(monitorReply{Error: err.Error()}, true)
 		return 1
 	}
+	reply(monitorReply{Lazy: &lazyOutcome{Error: "the container ended before every page came in"}}, true)
 	return code
 }
 
-func monitor(dir, lcRoot string, logMax int64, restore restoreSource, log *slog.Logger, started func(*initInfo)) (int, error) {
+func monitor(dir, lcRoot string, logMax int64, restore restoreSource, log *slog.Logger, started func(*initInfo), lazyEnded func(error)) (int, error) {
 	// The restored or started init is our child; orphans below it come to us.
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		return 0, fmt.Errorf("set child subreaper: %w", err)
@@ -156,6 +193,15 @@ func monitor(dir, lcRoot string, logMax int64, restore restoreSource, log *slog.
 	p := &libcontainer.Process{
 		Args: spec.Args, Env: spec.processEnv(), Cwd: spec.Cwd,
 		Stdout: w, Stderr: w, Init: true,
+	}
+	var daemon *lazyDaemon
+	if restore.lazy {
+		if daemon, err = startLazyDaemon(restore, restore.images+"-work"); err != nil {
+			_ = w.Close()
+			return 0, errors.Join(err, c.Destroy())
+		}
+		// Whatever way the monitor leaves, the daemon goes too.
+		defer daemon.stop()
 	}
 	if restore.images != "" {
 		// The restored tasks' stdout and stderr are re-attached to our pipe
@@ -193,6 +239,18 @@ func monitor(dir, lcRoot string, logMax int64, restore restoreSource, log *slog.
 	}
 	log.Info("container running", "pid", pid)
 	started(ii)
+	if daemon != nil {
+		go func() {
+			err := daemon.wait()
+			if err != nil {
+				log.Error("post-copy page transfer failed; killing the container", "err", err)
+				_ = c.Signal(unix.SIGKILL)
+			} else {
+				log.Info("post-copy: every page is in")
+			}
+			lazyEnded(err)
+		}()
+	}
 
 	ps, werr := p.Wait()
 	ei := exitInfo{FinishedAt: time.Now().UTC(), ExitCode: -1}

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"syscall"
 	"sync/atomic"
 	"time"
 
@@ -249,57 +250,76 @@ func (in *incoming) prepareLazy() error {
 	return nil
 }
 
-// closeLazy stops the daemon (if it still runs) and drops the namespace.
+// closeLazy drops the listener and the namespace.
 func (in *incoming) closeLazy() {
 	if in.pageLn != nil {
 		_ = in.pageLn.Close()
 	}
-	if in.lazyCmd != nil && in.lazyCmd.Process != nil {
-		_ = in.lazyCmd.Process.Kill()
-		<-in.lazyDone
-	}
 	_ = in.pageNS.Close()
 }
 
-// startLazyPages starts `criu lazy-pages` in the migration's namespace and
+// lazyDaemon is `criu lazy-pages`, run by the monitor of a post-copy
+// restore.
+type lazyDaemon struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+	err  error
+}
+
+// startLazyDaemon starts criu lazy-pages in the namespace of rs.netns and
 // waits for its socket, which the restore connects to.
-func (a *Agent) startLazyPages(in *incoming, work string) error {
-	criu := a.cfg.CriuPath
-	if criu == "" {
-		criu = "criu"
-	}
+func startLazyDaemon(rs restoreSource, work string) (*lazyDaemon, error) {
 	if err := os.MkdirAll(work, 0o700); err != nil {
-		return err
+		return nil, err
 	}
-	cmd := exec.Command(criu, "lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", strconv.Itoa(lazyPort),
-		"--images-dir", in.images, "--work-dir", work, "--log-file", "lazy-pages.log", "-v2")
-	if err := in.pageNS.Start(cmd); err != nil {
-		return fmt.Errorf("start criu lazy-pages: %w", err)
+	cmd := exec.Command(rs.criu, "lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", strconv.Itoa(lazyPort),
+		"--images-dir", rs.images, "--work-dir", work, "--log-file", "lazy-pages.log", "-v2")
+	// Should the monitor die, the daemon goes with it (and the container
+	// with both: its missing pages can no longer come).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	ns := privnet.FromFile(rs.netns)
+	if err := ns.Start(cmd); err != nil {
+		return nil, fmt.Errorf("start criu lazy-pages: %w", err)
 	}
-	in.lazyCmd, in.lazyDone = cmd, make(chan struct{})
+	d := &lazyDaemon{cmd: cmd, done: make(chan struct{})}
 	go func() {
 		err := cmd.Wait()
 		if err != nil {
 			err = fmt.Errorf("criu lazy-pages: %w%s", err, criuLogTail(filepath.Join(work, "lazy-pages.log")))
 		}
-		in.lazyErr = err
-		close(in.lazyDone)
+		d.err = err
+		close(d.done)
 	}()
 	sock := filepath.Join(work, "lazy-pages.socket")
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		if _, err := os.Stat(sock); err == nil {
-			return nil
+			return d, nil
 		}
 		select {
-		case <-in.lazyDone:
-			return fmt.Errorf("criu lazy-pages ended before it listened: %w", in.lazyErr)
+		case <-d.done:
+			return nil, fmt.Errorf("criu lazy-pages ended before it listened: %w", d.err)
 		default:
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("criu lazy-pages: no %s within 30s", sock)
+			d.stop()
+			return nil, fmt.Errorf("criu lazy-pages: no %s within 30s", sock)
 		}
 		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+func (d *lazyDaemon) wait() error {
+	<-d.done
+	return d.err
+}
+
+func (d *lazyDaemon) stop() {
+	select {
+	case <-d.done:
+	default:
+		_ = d.cmd.Process.Kill()
+		<-d.done
 	}
 }
 
@@ -344,10 +364,10 @@ func (a *Agent) PageTunnel(ctx context.Context, recv func() (*api.TunnelChunk, e
 // finishLazy follows a post-copy restore until its daemon ends: with every
 // page in, the container is this node's; otherwise it is killed, because
 // a task missing pages cannot go on (and the source still holds them).
-func (a *Agent) finishLazy(in *incoming, restoredAt time.Time) {
-	<-in.lazyDone
+func (a *Agent) finishLazy(in *incoming, restoredAt time.Time, ended <-chan error) {
+	err := <-ended
 	c := in.c
-	if err := in.lazyErr; err != nil {
+	if err != nil {
 		a.log.Error("post-copy failed; removing the restored copy", "container", c.name, "migration", in.id, "err", err)
 		in.setOutcome(err)
 		_ = a.abortIncoming(in, err.Error())

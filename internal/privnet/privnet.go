@@ -11,6 +11,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"os"
 	"os/exec"
 	"runtime"
 
@@ -23,6 +24,23 @@ import (
 // any process started in it).
 type NS struct {
 	h netns.NsHandle
+	f *os.File // when made from a file: keeps the descriptor open
+}
+
+// FromFile takes a namespace handed over as an open file (for instance to
+// a child process), which it keeps open.
+func FromFile(f *os.File) *NS {
+	return &NS{h: netns.NsHandle(f.Fd()), f: f}
+}
+
+// File returns a new open file of the namespace, for a child process.
+func (n *NS) File() (*os.File, error) {
+	fd, err := unix.Dup(int(n.h))
+	if err != nil {
+		return nil, err
+	}
+	unix.CloseOnExec(fd)
+	return os.NewFile(uintptr(fd), "netns"), nil
 }
 
 // New makes a network namespace with its loopback up.
@@ -128,7 +146,12 @@ func (n *NS) Close() error {
 	if n == nil || n.h == -1 {
 		return nil
 	}
-	err := n.h.Close()
+	var err error
+	if n.f != nil {
+		err = n.f.Close()
+	} else {
+		err = n.h.Close()
+	}
 	n.h = -1
 	return err
 }
