@@ -38,7 +38,7 @@ type incoming struct {
 	pageNS   *privnet.NS      // private loopback for the lazy-pages daemon
 	pageLn   *net.TCPListener // where the daemon reaches the page tunnel
 	tunnel   atomic.Bool      // a PageTunnel is open
-	outcome  chan struct{} // closed when the restored copy has every page, or was removed
+	outcome  chan struct{}    // closed when the restored copy has every page, or was removed
 	outErr   error
 	outOnce  sync.Once
 	postcopy time.Duration // from the restore's end to the last page in
@@ -48,7 +48,9 @@ type incoming struct {
 const (
 	incomingMaxBytes = 64 << 30
 	incomingMaxFiles = 1 << 20
-	incomingTimeout  = 10 * time.Minute
+	// An incoming migration nobody works on for this long is removed:
+	// its source is gone or cut off. Every call and chunk for it resets it.
+	incomingTimeout = 2 * time.Minute
 )
 
 func (a *Agent) getIncoming(id string) (*incoming, error) {
@@ -256,21 +258,51 @@ func (p *partStream) Read(b []byte) (int, error) {
 	return n, nil
 }
 
+// MigrationIDKey is the gRPC metadata key naming the migration a stream
+// belongs to, so that a stream broken before its first message still
+// reaches (and removes) its incoming migration.
+const MigrationIDKey = "ferry-migration-id"
+
 // ReceiveImages stores the parts of an image stream: CRIU images, the upper
-// layer (never outside the container's own directories) and the log.
-func (a *Agent) ReceiveImages(recv func() (*api.ImageChunk, error)) (int64, error) {
+// layer (never outside the container's own directories) and the log. id is
+// the stream's migration from its metadata ("" to take it from the first
+// message). Any failure removes the incoming migration.
+func (a *Agent) ReceiveImages(id string, recv func() (*api.ImageChunk, error)) (int64, error) {
+	var in *incoming
+	var first *api.ImageChunk
+	if id != "" {
+		var err error
+		if in, err = a.getIncoming(id); err != nil {
+			return 0, err
+		}
+	}
 	first, err := recv()
 	if err != nil {
+		if in != nil {
+			_ = a.abortIncoming(in, "image stream broken: "+err.Error())
+		}
 		return 0, err
 	}
-	in, err := a.getIncoming(first.GetMigrationId())
-	if err != nil {
+	if in == nil {
+		if in, err = a.getIncoming(first.GetMigrationId()); err != nil {
+			return 0, err
+		}
+	} else if fid := first.GetMigrationId(); fid != "" && fid != id {
+		err := fmt.Errorf("image stream: first chunk names migration %q, the stream %q: %w", fid, id, ErrInvalidArgument)
+		_ = a.abortIncoming(in, err.Error())
 		return 0, err
 	}
 	if err := failpoint.Check("peer-receive"); err != nil {
 		return 0, err
 	}
-	ps := &partStream{recv: recv, pending: first}
+	in.touch()
+	ps := &partStream{recv: func() (*api.ImageChunk, error) {
+		ch, err := recv()
+		if err == nil {
+			in.touch()
+		}
+		return ch, err
+	}, pending: first}
 	limits := migrate.Limits{MaxBytes: incomingMaxBytes, MaxFiles: incomingMaxFiles}
 	for {
 		part, err := ps.next()
@@ -296,6 +328,13 @@ func (a *Agent) ReceiveImages(recv func() (*api.ImageChunk, error)) (int64, erro
 			_ = a.abortIncoming(in, err.Error())
 			return ps.n, fmt.Errorf("incoming %s: %s: %w", in.id, part, err)
 		}
+	}
+}
+
+// touch postpones the removal of an idle incoming migration.
+func (in *incoming) touch() {
+	if in.timer != nil {
+		in.timer.Reset(incomingTimeout)
 	}
 }
 

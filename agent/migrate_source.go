@@ -18,6 +18,7 @@ import (
 
 	"github.com/opencontainers/runc/libcontainer"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -441,6 +442,9 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 			// it: this copy stays frozen until the peer answers.
 			m.Phase, m.State = "settle", MigrationFailed
 			retErr = fmt.Errorf("%w; the peer did not confirm it removed its copy (%w): the container stays frozen here until the peer answers", retErr, aerr)
+			a.mu.Lock()
+			c.reason = fmt.Sprintf("frozen by migration %s to %s: the peer did not confirm it removed its copy; settling with the peer", m.Id, m.PeerNode)
+			a.mu.Unlock()
 			settleAfter = func() { a.settleInBackground(proto.Clone(m).(*api.Migration), c, lc) }
 			return
 		}
@@ -646,16 +650,26 @@ func (a *Agent) finishMigratedAway(c *container, peerNode string) error {
 
 // sendImages streams the images, the upper layer and the log to the peer.
 func (a *Agent) sendImages(ctx context.Context, peer *client.Client, id, images string, c *container, pace *pacer, sentSoFar func(int64)) (int64, error) {
-	stream, err := peer.SendImages(ctx)
+	stream, err := peer.SendImages(metadata.AppendToOutgoingContext(ctx, MigrationIDKey, id))
 	if err != nil {
 		return 0, err
 	}
 	w := &chunkWriter{id: id}
 	w.send = func(ch *api.ImageChunk) error {
-		pace.wait(len(ch.Data))
 		err := stream.Send(ch)
 		sentSoFar(w.n)
-		return err
+		pace.wait(len(ch.Data))
+		if errors.Is(err, io.EOF) {
+			// The peer ended the stream; its status says why. (An io.EOF
+			// passed on would read as a file that shrank.)
+			if _, err = stream.CloseAndRecv(); err == nil {
+				err = errors.New("the peer ended the image stream early")
+			}
+		}
+		if err != nil {
+			return fmt.Errorf("send to the peer: %w", err)
+		}
+		return nil
 	}
 	parts := []struct {
 		name, dir string

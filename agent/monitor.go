@@ -56,7 +56,7 @@ type exitInfo struct {
 type monitorReply struct {
 	Lazy  *lazyOutcome `json:"lazy,omitempty"`
 	Init  *initInfo    `json:"init,omitempty"`
-	Error string    `json:"error,omitempty"`
+	Error string       `json:"error,omitempty"`
 }
 
 // monitorCommand builds the command that starts a monitor for the container

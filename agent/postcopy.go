@@ -11,11 +11,12 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
-	"syscall"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/opencontainers/runc/libcontainer"
+	"google.golang.org/grpc/metadata"
 
 	"github.com/ferry-agent/ferry/agent/api"
 	"github.com/ferry-agent/ferry/internal/atomicfile"
@@ -130,7 +131,7 @@ func criuLogTail(path string) string {
 
 // openTunnel opens the source's end of a PageTunnel and pumps conn through it.
 func (a *Agent) openTunnel(ctx context.Context, peer api.FerryClient, id string, conn net.Conn, pace *pacer, sent *atomic.Int64) (<-chan error, error) {
-	stream, err := peer.PageTunnel(ctx)
+	stream, err := peer.PageTunnel(metadata.AppendToOutgoingContext(ctx, MigrationIDKey, id))
 	if err != nil {
 		return nil, err
 	}
@@ -161,7 +162,6 @@ func pump(conn net.Conn, send func(*api.TunnelChunk) error, recv func() (*api.Tu
 		for {
 			n, err := conn.Read(buf)
 			if n > 0 {
-				pace.wait(n)
 				if serr := send(&api.TunnelChunk{Data: buf[:n]}); serr != nil {
 					fail()
 					errc <- fmt.Errorf("tunnel send: %w", serr)
@@ -170,6 +170,7 @@ func pump(conn net.Conn, send func(*api.TunnelChunk) error, recv func() (*api.Tu
 				if sent != nil {
 					sent.Add(int64(n))
 				}
+				pace.wait(n)
 			}
 			if errors.Is(err, io.EOF) {
 				errc <- send(&api.TunnelChunk{Eof: true})
@@ -325,12 +326,15 @@ func (d *lazyDaemon) stop() {
 
 // PageTunnel is the destination's end of a post-copy page tunnel: it joins
 // the stream to the lazy-pages daemon's connection.
-func (a *Agent) PageTunnel(ctx context.Context, recv func() (*api.TunnelChunk, error), send func(*api.TunnelChunk) error) error {
+func (a *Agent) PageTunnel(ctx context.Context, id string, recv func() (*api.TunnelChunk, error), send func(*api.TunnelChunk) error) error {
 	first, err := recv()
 	if err != nil {
 		return err
 	}
-	in, err := a.getIncoming(first.GetMigrationId())
+	if id == "" {
+		id = first.GetMigrationId()
+	}
+	in, err := a.getIncoming(id)
 	if err != nil {
 		return err
 	}

@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	"github.com/ferry-agent/ferry/agent/api"
@@ -300,7 +301,7 @@ func (s *Server) SendImages(stream api.Ferry_SendImagesServer) error {
 	if err := s.peerOnly("SendImages"); err != nil {
 		return err
 	}
-	n, err := s.a.ReceiveImages(stream.Recv)
+	n, err := s.a.ReceiveImages(migrationID(stream.Context()), stream.Recv)
 	if err != nil {
 		return toStatus(err)
 	}
@@ -332,7 +333,15 @@ func (s *Server) PageTunnel(stream api.Ferry_PageTunnelServer) error {
 	if err := s.peerOnly("PageTunnel"); err != nil {
 		return err
 	}
-	return toStatus(s.a.PageTunnel(stream.Context(), stream.Recv, stream.Send))
+	return toStatus(s.a.PageTunnel(stream.Context(), migrationID(stream.Context()), stream.Recv, stream.Send))
+}
+
+// migrationID reads the migration a stream belongs to from its metadata.
+func migrationID(ctx context.Context) string {
+	if v := metadata.ValueFromIncomingContext(ctx, MigrationIDKey); len(v) > 0 {
+		return v[0]
+	}
+	return ""
 }
 
 // CompleteIncoming implements api.FerryServer.

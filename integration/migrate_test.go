@@ -2,6 +2,7 @@ package integration
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -23,6 +24,7 @@ type migrationPair struct {
 	a, b         *daemon
 	addrA, addrB string
 	client       string
+	wireA        string // A's end of the wire between the hosts
 }
 
 func newMigrationPair(t *testing.T) *migrationPair {
@@ -52,7 +54,7 @@ func newMigrationPair(t *testing.T) *migrationPair {
 		"--pressure-source", "parent", "--capacity-memory", "1G", "--reserve-memory", "900M", "--reserve-cpu", "0.1")
 	p.a.start()
 	p.b.start()
-	wire(t, p.a.netns, p.b.netns, "ferry0")
+	p.wireA, _ = wire(t, p.a.netns, p.b.netns, "ferry0")
 
 	p.client = fmt.Sprintf("ferry-it-cl-%d-%d", os.Getpid(), cgroupSeq.Add(1))
 	mustIP(t, "netns", "add", p.client)
@@ -641,4 +643,169 @@ func lastMigration(t *testing.T, d *daemon) migrationRecord {
 		t.Fatalf("migrations: %v %v", ms, err)
 	}
 	return ms[len(ms)-1]
+}
+
+// migrateInBackground starts ferryctl migrate and returns its output when
+// it ends.
+func migrateInBackground(p *migrationPair, name string, flags ...string) <-chan string {
+	done := make(chan string, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, filepath.Join(binDir, "ferryctl"), append([]string{"--socket", p.a.socket, "migrate", name, "--to", p.addrB}, flags...)...)
+		out, _ := cmd.CombinedOutput()
+		done <- string(out)
+	}()
+	return done
+}
+
+// waitPhase waits until A's latest migration is running in phase.
+func waitPhase(t *testing.T, d *daemon, phase string, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		var ms []migrationRecord
+		_ = json.Unmarshal([]byte(d.mustCtl("migrations", "-o", "json")), &ms)
+		if n := len(ms); n > 0 && ms[n-1].Phase == phase && ms[n-1].State == "running" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the migration never reached phase %s: %+v", phase, ms)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func waitOutput(t *testing.T, done <-chan string, within time.Duration) string {
+	t.Helper()
+	select {
+	case out := <-done:
+		return out
+	case <-time.After(within):
+		t.Fatalf("migrate did not return within %s", within)
+		return ""
+	}
+}
+
+// waitIntactOnA waits for the container to run on A again (a rollback that
+// settles with the peer first) and checks it is the one from before, with
+// its blob intact.
+func waitIntactOnA(t *testing.T, p *migrationPair, name string, before container, sum string, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		c := p.a.inspect(name)
+		if c.State == "running" && c.StatusReason == "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("container not running again on A within %s: %+v", within, c)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	assertIntactOnA(t, p, name, before)
+	waitSumsAfter(t, p.a, name, sum, 1)
+}
+
+// TestMigrateFaultsMidTransfer: while pages are moving (the transfer of a
+// stop-and-copy, the page traffic after a post-copy restore; slowed down
+// by --bandwidth), the peer's ferryd is killed -9, the source's ferryd is
+// killed -9, or the wire between the hosts is cut. Each time exactly one
+// copy runs afterwards, on A, where it was and with its memory intact, and
+// nothing is left on B. When B cannot be reached, A keeps the container
+// frozen until B answers (it cannot know whether B runs it); B removes a
+// post-copy copy by itself once its page source is gone.
+func TestMigrateFaultsMidTransfer(t *testing.T) {
+	raisePipeMax(t)
+	p := newMigrationPair(t)
+	p.a.mustCtl("run", "srv", "--mem-guarantee", "32M", "--mem-limit", "128M", "--", "sh", "-c", blobServer)
+	before := p.a.inspect("srv")
+	sum := ""
+	for deadline := time.Now().Add(20 * time.Second); sum == ""; time.Sleep(100 * time.Millisecond) {
+		if sum = lastSum(t, p.a, "srv"); sum == "" && time.Now().After(deadline) {
+			t.Fatal("no checksum within 20s")
+		}
+	}
+	slow := []string{"--bandwidth", "4M"}
+
+	t.Run("stopcopy: peer killed", func(t *testing.T) {
+		done := migrateInBackground(p, "srv", append(slow, "--mode", "stopcopy")...)
+		waitPhase(t, p.a, "transfer", 30*time.Second)
+		p.b.kill9()
+		if out := waitOutput(t, done, 60*time.Second); !strings.Contains(out, "rolled_back") {
+			t.Errorf("migrate output:\n%s", out)
+		}
+		waitIntactOnA(t, p, "srv", before, sum, 10*time.Second)
+		p.b.start()
+		p.b.assertNoTrace(t, "srv")
+	})
+	t.Run("stopcopy: wire cut", func(t *testing.T) {
+		done := migrateInBackground(p, "srv", append(slow, "--mode", "stopcopy")...)
+		waitPhase(t, p.a, "transfer", 30*time.Second)
+		mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "down")
+		out := waitOutput(t, done, 60*time.Second)
+		mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "up")
+		if !strings.Contains(out, "rolled_back") {
+			t.Errorf("migrate output:\n%s", out)
+		}
+		waitIntactOnA(t, p, "srv", before, sum, 10*time.Second)
+		waitNoTrace(t, p.b, "srv", 30*time.Second)
+	})
+	t.Run("postcopy: peer killed", func(t *testing.T) {
+		done := migrateInBackground(p, "srv", append(slow, "--mode", "postcopy")...)
+		waitPhase(t, p.a, "postcopy", 30*time.Second)
+		p.b.kill9()
+		out := waitOutput(t, done, 60*time.Second)
+		if !strings.Contains(out, "stays frozen here until the peer answers") {
+			t.Errorf("migrate output:\n%s", out)
+		}
+		// B's copy died with its page source; B's restart removes the rest
+		// and tells A, which thaws its copy.
+		p.b.start()
+		waitIntactOnA(t, p, "srv", before, sum, 30*time.Second)
+		p.b.assertNoTrace(t, "srv")
+	})
+	t.Run("postcopy: source killed", func(t *testing.T) {
+		done := migrateInBackground(p, "srv", append(slow, "--mode", "postcopy")...)
+		waitPhase(t, p.a, "postcopy", 30*time.Second)
+		p.a.kill9()
+		waitOutput(t, done, 60*time.Second)
+		// B removes its copy by itself: its pages can no longer come.
+		waitNoTrace(t, p.b, "srv", 30*time.Second)
+		p.a.start()
+		waitIntactOnA(t, p, "srv", before, sum, 30*time.Second)
+	})
+	t.Run("postcopy: wire cut", func(t *testing.T) {
+		done := migrateInBackground(p, "srv", append(slow, "--mode", "postcopy")...)
+		waitPhase(t, p.a, "postcopy", 30*time.Second)
+		mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "down")
+		out := waitOutput(t, done, 60*time.Second)
+		if !strings.Contains(out, "stays frozen here until the peer answers") {
+			t.Errorf("migrate output:\n%s", out)
+		}
+		waitNoTrace(t, p.b, "srv", 30*time.Second)
+		if c := p.a.inspect("srv"); c.StatusReason == "" {
+			t.Errorf("A thawed its copy with the peer unreachable: %+v", c)
+		}
+		mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "up")
+		waitIntactOnA(t, p, "srv", before, sum, 30*time.Second)
+	})
+	p.a.mustCtl("rm", "-f", "srv")
+	p.a.assertNoTrace(t, "srv")
+}
+
+// waitNoTrace waits until a daemon has removed every trace of a container.
+func waitNoTrace(t *testing.T, d *daemon, name string, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		if _, errOut, _ := d.ctl("inspect", name); grpcCode(errOut) == "NotFound" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s still has %s after %s", d.name, name, within)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	d.assertNoTrace(t, name)
 }

@@ -32,8 +32,8 @@ func mustIP(t *testing.T, args ...string) {
 }
 
 // wire joins the bridges of two test hosts (network namespaces) with a veth
-// pair, making one L2 segment.
-func wire(t *testing.T, nsA, nsB, bridge string) {
+// pair, making one L2 segment, and returns the pair's names (in A, in B).
+func wire(t *testing.T, nsA, nsB, bridge string) (string, string) {
 	t.Helper()
 	a, b := fmt.Sprintf("fwa%d", cgroupSeq.Add(1)), fmt.Sprintf("fwb%d", cgroupSeq.Add(1))
 	mustIP(t, "link", "add", a, "type", "veth", "peer", "name", b)
@@ -43,6 +43,7 @@ func wire(t *testing.T, nsA, nsB, bridge string) {
 	mustNetns(t, nsB, "ip", "link", "set", b, "master", bridge, "up")
 	waitUp(t, nsA, a)
 	waitUp(t, nsB, b)
+	return a, b
 }
 
 func waitUp(t *testing.T, ns, link string) {
