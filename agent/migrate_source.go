@@ -143,7 +143,7 @@ func (a *Agent) validateMigrate(req *api.MigrateRequest) (string, error) {
 }
 
 // chooseMode settles the mode from the request and both ends' features.
-func (a *Agent) chooseMode(requested string, here, peer *api.MigrationFeatures, peerNode string, p migrate.Prediction) (string, string, error) {
+func (a *Agent) chooseMode(requested string, here, peer *api.MigrationFeatures, peerNode string, p migrate.Prediction, unfit string) (string, string, error) {
 	switch requested {
 	case migrate.ModeStopCopy:
 		return requested, "requested", nil
@@ -159,9 +159,16 @@ func (a *Agent) chooseMode(requested string, here, peer *api.MigrationFeatures, 
 		if !peer.GetLazyPages() {
 			return "", "", fmt.Errorf("mode postcopy: peer %s cannot take lazy pages: %s: %w", peerNode, peer.GetLazyPagesReason(), ErrFailedPrecondition)
 		}
+		if unfit != "" {
+			return "", "", fmt.Errorf("mode postcopy: %s (stopcopy keeps the sharing): %w", unfit, ErrFailedPrecondition)
+		}
 		return requested, "requested", nil
 	}
 	f := autoFeatures(here, peer)
+	if unfit != "" {
+		// Not an option for this container: as if an end lacked it.
+		f.Source.LazyPages = false
+	}
 	// Pre-dump rounds are not built yet: auto chooses between the others.
 	f.Source.MemDirtyTrack = false
 	mode, why := migrate.AutoMode(f, p)
@@ -344,9 +351,17 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 	}
 	pred := migrate.Prediction{MemoryBytes: a.memoryOf(c.name), Bandwidth: a.peerBandwidth(v.NodeName, req.GetBandwidthBytesPerSecond()),
 		DowntimeTarget: time.Duration(req.GetMaxDowntimeMs()) * time.Millisecond}
-	mode, reason, err := a.chooseMode(requested, a.MigrationFeatures(), v.GetFeatures(), v.NodeName, pred)
+	lc, err := libcontainer.Load(a.lcRoot, c.name)
+	if err != nil {
+		return nil, fmt.Errorf("container %q: %w", c.name, err)
+	}
+	unfit := postcopyFits(lc, pred.MemoryBytes, rec.Spec.Resources.Ceiling.Memory)
+	mode, reason, err := a.chooseMode(requested, a.MigrationFeatures(), v.GetFeatures(), v.NodeName, pred, unfit)
 	if err != nil {
 		return nil, err
+	}
+	if unfit != "" && mode != migrate.ModePostCopy && requested == "auto" {
+		reason += "; post-copy ruled out: " + unfit
 	}
 	m.Mode, m.ModeReason = mode, reason
 	if d := pred.StopCopyDowntime(); mode == migrate.ModeStopCopy && d != migrate.UnknownDowntime {
@@ -392,10 +407,6 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		}
 	}()
 
-	lc, err := libcontainer.Load(a.lcRoot, c.name)
-	if err != nil {
-		return nil, fmt.Errorf("container %q: %w", c.name, err)
-	}
 	work := filepath.Join(a.cfg.RunDir, "migrations", id)
 	images := filepath.Join(work, "images")
 	defer func() { _ = os.RemoveAll(work) }()

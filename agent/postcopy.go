@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -434,4 +435,81 @@ func (a *Agent) forgetIncoming(in *incoming) {
 // Features of both ends as AutoMode takes them.
 func autoFeatures(here, peer *api.MigrationFeatures) migrate.Features {
 	return migrate.Features{Source: nodeFeatures(here), Dest: nodeFeatures(peer)}
+}
+
+// cowGrowth predicts how much a post-copy restore adds to the memory of
+// processes that share anonymous pages copy-on-write (a parent and the
+// children it forked): CRIU's lazy restore gives each process its own copy
+// of every page, where a plain restore keeps them shared. A page shared by
+// k processes is counted k times in their Anonymous and once in their
+// Pss_Anon, so the growth is the sum of Anonymous minus the sum of
+// Pss_Anon (from /proc/PID/smaps_rollup).
+func cowGrowth(pids []int) (int64, error) {
+	var anon, pss int64
+	for _, pid := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+		if err != nil {
+			if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ESRCH) {
+				continue // exited meanwhile
+			}
+			return 0, err
+		}
+		a, p := parseRollup(string(b))
+		anon += a
+		pss += p
+	}
+	if anon < pss {
+		return 0, nil
+	}
+	return anon - pss, nil
+}
+
+// parseRollup returns the Anonymous and Pss_Anon bytes of a smaps_rollup.
+func parseRollup(s string) (anon, pssAnon int64) {
+	for _, l := range strings.Split(s, "\n") {
+		f := strings.Fields(l)
+		if len(f) < 2 {
+			continue
+		}
+		v, err := strconv.ParseInt(f[1], 10, 64)
+		if err != nil {
+			continue
+		}
+		switch f[0] {
+		case "Anonymous:":
+			anon = v << 10
+		case "Pss_Anon:":
+			pssAnon = v << 10
+		}
+	}
+	return anon, pssAnon
+}
+
+// postcopyFits says why a post-copy of the container would not fit its
+// memory ceiling once restored, or "".
+func postcopyFits(lc *libcontainer.Container, used, ceiling int64) string {
+	if ceiling <= 0 {
+		return ""
+	}
+	pids, err := lc.Processes()
+	if err != nil {
+		return ""
+	}
+	growth, err := cowGrowth(pids)
+	if err != nil || growth == 0 {
+		return ""
+	}
+	if used+growth > ceiling {
+		return fmt.Sprintf("its processes share %s copy-on-write, which a lazy-pages restore copies once per process: %s in use + %s would pass its %s memory ceiling",
+			humanSize(growth), humanSize(used), humanSize(growth), humanSize(ceiling))
+	}
+	return ""
+}
+
+func humanSize(n int64) string {
+	const mi = 1 << 20
+	if n >= 10*mi {
+		return fmt.Sprintf("%dMi", n/mi)
+	}
+	return fmt.Sprintf("%.1fMi", float64(n)/mi)
 }

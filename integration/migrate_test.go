@@ -280,13 +280,75 @@ func migrateLive(t *testing.T, p *migrationPair, mode string) migrationRecord {
 // every second.
 //
 // The blob is made inside the subshell, so that its memory is the
-// subshell's alone. Memory shared copy-on-write between a parent and a
-// child at the dump (the blob made before the subshell forks) does not
-// survive CRIU 4.2.1's lazy-pages restore: see
-// TestMigratePostCopyForkSharedMemory.
+// subshell's alone; sharedBlobServer shares it copy-on-write.
 const blobServer = `(x=$(head -c 16777216 /dev/urandom | base64)
 while true; do echo "sum $(echo "$x" | md5sum)"; sleep 1; done) &
 ` + server
+
+// sharedBlobServer makes the blob before forking the subshell that sums
+// it, so the shell and the subshell share its pages copy-on-write. A
+// lazy-pages restore gives each its own copy: about 22 MiB more.
+const sharedBlobServer = `x=$(head -c 16777216 /dev/urandom | base64)
+(while true; do echo "sum $(echo "$x" | md5sum)"; sleep 1; done) &
+` + server
+
+// TestMigrateAutoMode: auto chooses post-copy when stop-and-copy's
+// predicted downtime (from the bandwidth cap, or the last migration to that
+// node) is over the target and the container fits; stop-and-copy when the
+// bandwidth is unknown; and never post-copy for a container whose
+// copy-on-write sharing, undone by a lazy restore, would pass its memory
+// ceiling (asked for explicitly, that is refused with the reason).
+func TestMigrateAutoMode(t *testing.T) {
+	raisePipeMax(t)
+	p := newMigrationPair(t)
+	waitSum := func(d *daemon, name string) string {
+		for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+			if s := lastSum(t, d, name); s != "" {
+				return s
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: no checksum within 20s", name)
+			}
+		}
+	}
+	p.a.mustCtl("run", "priv", "--mem-guarantee", "32M", "--mem-limit", "128M", "--", "sh", "-c", blobServer)
+	p.a.mustCtl("run", "shared", "--mem-guarantee", "32M", "--mem-limit", "128M", "--", "sh", "-c", sharedBlobServer)
+	sumPriv, sumShared := waitSum(p.a, "priv"), waitSum(p.a, "shared")
+
+	// A 20 MB/s cap: stop-and-copy of ~45 MiB would take seconds.
+	p.a.mustCtl("migrate", "priv", "--to", p.addrB, "--bandwidth", "20M")
+	rec := lastMigration(t, p.a)
+	if rec.Mode != "postcopy" || !strings.Contains(rec.ModeReason, "over the 300ms target") {
+		t.Errorf("auto with a 20 MB/s cap chose %s (%s), want postcopy over the target", rec.Mode, rec.ModeReason)
+	}
+	waitSumsAfter(t, p.b, "priv", sumPriv, 1)
+
+	// Back from B, which never migrated to A: no bandwidth to predict from.
+	p.b.mustCtl("migrate", "priv", "--to", p.addrA)
+	rec = lastMigration(t, p.b)
+	if rec.Mode != "stopcopy" || !strings.Contains(rec.ModeReason, "no bandwidth measured") {
+		t.Errorf("auto with no bandwidth known chose %s (%s), want stopcopy", rec.Mode, rec.ModeReason)
+	}
+	waitSumsAfter(t, p.a, "priv", sumPriv, 1)
+
+	// Shared copy-on-write: 2 x 22 MiB of blob, more with the summing
+	// children, against a 128 MiB ceiling.
+	errOut := migrateFailsWith(t, p, "shared", []string{"--mode", "postcopy"}, "FailedPrecondition", "copy-on-write")
+	t.Logf("explicit postcopy refused: %s", strings.TrimSpace(errOut))
+	p.b.assertNoTrace(t, "shared")
+	p.a.mustCtl("migrate", "shared", "--to", p.addrB, "--bandwidth", "20M")
+	rec = lastMigration(t, p.a)
+	if rec.Mode != "stopcopy" || !strings.Contains(rec.ModeReason, "post-copy ruled out") {
+		t.Errorf("auto for the shared container chose %s (%s), want stopcopy with post-copy ruled out", rec.Mode, rec.ModeReason)
+	}
+	waitSumsAfter(t, p.b, "shared", sumShared, 1)
+	for _, n := range []string{"priv"} {
+		p.a.mustCtl("rm", "-f", n)
+		p.a.assertNoTrace(t, n)
+	}
+	p.b.mustCtl("rm", "-f", "shared")
+	p.b.assertNoTrace(t, "shared")
+}
 
 // lastSum is the latest "sum" line of the container's log.
 func lastSum(t *testing.T, d *daemon, name string) string {
@@ -627,6 +689,7 @@ func TestMigrateSourceKilled(t *testing.T) {
 type migrationRecord struct {
 	ID            string `json:"id"`
 	Mode          string `json:"mode"`
+	ModeReason    string `json:"mode_reason"`
 	Phase         string `json:"phase"`
 	State         string `json:"state"`
 	Error         string `json:"error"`

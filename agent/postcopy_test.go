@@ -1,0 +1,34 @@
+package agent
+
+import (
+	"os"
+	"testing"
+)
+
+func TestParseRollup(t *testing.T) {
+	const s = `5559d5716000-7ffcf3507000 ---p 00000000 00:00 0                          [rollup]
+Rss:                1696 kB
+Pss_Anon:            112 kB
+Anonymous:           300 kB
+AnonHugePages:         0 kB
+`
+	a, p := parseRollup(s)
+	if a != 300<<10 || p != 112<<10 {
+		t.Fatalf("anon %d pss_anon %d", a, p)
+	}
+	if a, p := parseRollup("garbage\nAnonymous: x kB\n"); a != 0 || p != 0 {
+		t.Fatalf("garbage parsed as %d %d", a, p)
+	}
+}
+
+func TestCowGrowthOfOneProcess(t *testing.T) {
+	// A process that forked nothing shares (almost) no anonymous pages:
+	// the growth is small, and a pid that is gone is skipped.
+	g, err := cowGrowth([]int{1 << 30, os.Getpid()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g < 0 || g > 8<<20 {
+		t.Fatalf("growth %d for one process", g)
+	}
+}
