@@ -74,6 +74,9 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingReq
 	if req.GetSourceNode() == a.cfg.NodeName {
 		return nil, fmt.Errorf("source node %q: is this node: %w", req.GetSourceNode(), ErrInvalidArgument)
 	}
+	if err := failpoint.Check("peer-prepare"); err != nil {
+		return nil, err
+	}
 	mode := req.GetMode()
 	switch mode {
 	case "", migrate.ModeStopCopy:
@@ -191,6 +194,11 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingReq
 		log.Warn("incoming migration timed out; removing what was prepared")
 		_ = a.AbortIncoming(context.Background(), id, "timed out")
 	})
+	if err := ctx.Err(); err != nil {
+		// The source gave up (cancelled, or cut off) while this was being
+		// prepared: its abort may have come before there was anything.
+		return nil, fmt.Errorf("incoming migration %q: the source went away during the preparation: %w", id, err)
+	}
 	a.mu.Lock()
 	a.incoming[id] = in
 	a.mu.Unlock()

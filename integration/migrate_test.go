@@ -872,3 +872,56 @@ func waitNoTrace(t *testing.T, d *daemon, name string, within time.Duration) {
 	}
 	d.assertNoTrace(t, name)
 }
+
+// TestMigrateCancel: a migration cancelled before the freeze stops, the
+// container runs on A untouched and B keeps nothing; once frozen, a
+// cancel is refused and the migration ends by itself; unknown and
+// finished ids get NotFound and FailedPrecondition.
+func TestMigrateCancel(t *testing.T) {
+	p := newMigrationPair(t)
+	p.a.mustCtl("run", "srv", "--", "sh", "-c", counter)
+	before := p.a.inspect("srv")
+	waitCountAbove(t, p.a, "srv", 2, 10*time.Second)
+
+	p.b.kill9()
+	p.b.failpoints = "peer-prepare=sleep"
+	p.b.start()
+	done := migrateInBackground(p, "srv", "--id", "m-cancel-1")
+	waitPhase(t, p.a, "prepare", 30*time.Second)
+	out := p.a.mustCtl("migrations", "cancel", "m-cancel-1")
+	if !strings.Contains(out, "canceled") {
+		t.Errorf("cancel output:\n%s", out)
+	}
+	if out := waitOutput(t, done, 30*time.Second); !strings.Contains(out, "Canceled") {
+		t.Errorf("migrate output:\n%s", out)
+	}
+	if rec := lastMigration(t, p.a); rec.State != "canceled" || rec.FrozenMs != 0 {
+		t.Errorf("record after cancel: %+v", rec)
+	}
+	assertIntactOnA(t, p, "srv", before)
+	p.b.assertNoTrace(t, "srv")
+	if _, errOut, _ := p.a.ctl("migrations", "cancel", "m-cancel-1"); grpcCode(errOut) != "FailedPrecondition" || !strings.Contains(errOut, "already canceled") {
+		t.Errorf("second cancel: %s", errOut)
+	}
+	if _, errOut, _ := p.a.ctl("migrations", "cancel", "m-nosuch"); grpcCode(errOut) != "NotFound" {
+		t.Errorf("cancel of an unknown id: %s", errOut)
+	}
+
+	// Frozen (the peer holds the transfer): refused.
+	p.b.kill9()
+	p.b.failpoints = "peer-receive=sleep"
+	p.b.start()
+	done = migrateInBackground(p, "srv", "--id", "m-cancel-2")
+	waitPhase(t, p.a, "transfer", 30*time.Second)
+	if _, errOut, _ := p.a.ctl("migrations", "cancel", "m-cancel-2"); grpcCode(errOut) != "FailedPrecondition" || !strings.Contains(errOut, "frozen") {
+		t.Errorf("cancel after the freeze: %s", errOut)
+	}
+	p.b.kill9()
+	if out := waitOutput(t, done, 60*time.Second); !strings.Contains(out, "rolled_back") {
+		t.Errorf("migrate output:\n%s", out)
+	}
+	assertIntactOnA(t, p, "srv", before)
+	p.b.failpoints = ""
+	p.b.start()
+	p.b.assertNoTrace(t, "srv")
+}
