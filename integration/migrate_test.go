@@ -481,6 +481,31 @@ func TestMigrateFailuresRollBack(t *testing.T) {
 		}
 		p.b.assertNoTrace(t, "big")
 	})
+	t.Run("CRIU fails on the source", func(t *testing.T) {
+		// A's ferryd runs a criu that fails every dump (criu swrk), a real
+		// CRIU process exiting with an error where the dump would run.
+		real, err := exec.LookPath("criu")
+		if err != nil {
+			t.Fatal(err)
+		}
+		wrapper := filepath.Join(t.TempDir(), "criu-fails")
+		script := "#!/bin/sh\nif [ \"$1\" = swrk ]; then echo 'criu: injected dump failure' >&2; exit 1; fi\nexec " + real + " \"$@\"\n"
+		if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		extra := p.a.extra
+		p.a.kill9()
+		p.a.extra = append(append([]string(nil), extra...), "--criu", wrapper)
+		p.a.start()
+		defer func() {
+			p.a.kill9()
+			p.a.extra = extra
+			p.a.start()
+		}()
+		migrateFails(t, p, "srv", "dump", "rolled_back")
+		assertIntactOnA(t, p, "srv", before)
+		p.b.assertNoTrace(t, "srv")
+	})
 	t.Run("restore fails on the peer", func(t *testing.T) {
 		p.b.kill9()
 		p.b.failpoints = "peer-restore"

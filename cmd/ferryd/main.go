@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strconv"
@@ -200,6 +201,9 @@ func serve(o options) error {
 	}
 	defer func() { _ = lock.Close() }()
 
+	if err := useCriu(o.criu, o.runDir); err != nil {
+		return err
+	}
 	capacity, reserved, err := resourceFlags(o)
 	if err != nil {
 		return err
@@ -378,4 +382,30 @@ func listenUnix(path string) (net.Listener, error) {
 		return nil, fmt.Errorf("socket %s: %w", path, err)
 	}
 	return l, nil
+}
+
+// useCriu makes --criu the CRIU that everything runs: libcontainer (here
+// and in the monitors) runs "criu" from PATH, so a link named criu in the
+// run directory goes first on PATH.
+func useCriu(criu, runDir string) error {
+	if criu == "" || criu == "criu" {
+		return nil
+	}
+	path, err := exec.LookPath(criu)
+	if err != nil {
+		return fmt.Errorf("--criu %q: %w", criu, err)
+	}
+	if path, err = filepath.Abs(path); err != nil {
+		return fmt.Errorf("--criu %q: %w", criu, err)
+	}
+	dir := filepath.Join(runDir, "criu-bin")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	link := filepath.Join(dir, "criu")
+	_ = os.Remove(link)
+	if err := os.Symlink(path, link); err != nil {
+		return fmt.Errorf("--criu %q: %w", criu, err)
+	}
+	return os.Setenv("PATH", dir+string(os.PathListSeparator)+os.Getenv("PATH"))
 }
