@@ -85,8 +85,9 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingReq
 		if f := a.MigrationFeatures(); !f.LazyPages {
 			return nil, fmt.Errorf("mode postcopy: this node (%s) cannot take lazy pages: %s: %w", a.cfg.NodeName, f.LazyPagesReason, ErrFailedPrecondition)
 		}
+	case migrate.ModePreCopy:
 	default:
-		return nil, fmt.Errorf("mode %q: this agent takes stopcopy or postcopy: %w", mode, ErrInvalidArgument)
+		return nil, fmt.Errorf("mode %q: this agent takes stopcopy, precopy or postcopy: %w", mode, ErrInvalidArgument)
 	}
 	var spec Spec
 	if err := json.Unmarshal(req.GetSpecJson(), &spec); err != nil {
@@ -176,9 +177,9 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingReq
 			_ = os.RemoveAll(filepath.Dir(in.images))
 		}
 	}()
-	if mode == migrate.ModePostCopy {
-		if err := in.prepareLazy(); err != nil {
-			return nil, fmt.Errorf("container %q: post-copy: %w", spec.Name, err)
+	if mode != migrate.ModeStopCopy {
+		if err := in.preparePages(); err != nil {
+			return nil, fmt.Errorf("container %q: %s: %w", spec.Name, mode, err)
 		}
 	}
 	in.timer = time.AfterFunc(incomingTimeout, func() {
@@ -443,6 +444,9 @@ func (a *Agent) RestoreIncoming(ctx context.Context, id string) (_ *api.RestoreI
 		c.creating = false
 		c.rec.Incoming = ""
 		delete(a.incoming, id)
+		if in.pageNS != nil {
+			in.closeLazy()
+		}
 	}
 	rec := c.rec
 	a.mu.Unlock()

@@ -151,7 +151,7 @@ func (a *Agent) chooseMode(requested string, here, peer *api.MigrationFeatures, 
 		if !here.GetMemDirtyTrack() {
 			return "", "", fmt.Errorf("mode precopy: this kernel has no soft-dirty memory tracking (criu check --feature mem_dirty_track): %w", ErrFailedPrecondition)
 		}
-		return "", "", fmt.Errorf("mode precopy: pre-dump rounds are not built into this agent yet: %w", ErrFailedPrecondition)
+		return requested, "requested", nil
 	case migrate.ModePostCopy:
 		if !here.GetLazyPages() {
 			return "", "", fmt.Errorf("mode postcopy: this node cannot serve lazy pages: %s: %w", here.GetLazyPagesReason(), ErrFailedPrecondition)
@@ -169,8 +169,6 @@ func (a *Agent) chooseMode(requested string, here, peer *api.MigrationFeatures, 
 		// Not an option for this container: as if an end lacked it.
 		f.Source.LazyPages = false
 	}
-	// Pre-dump rounds are not built yet: auto chooses between the others.
-	f.Source.MemDirtyTrack = false
 	mode, why := migrate.AutoMode(f, p)
 	return mode, why, nil
 }
@@ -367,7 +365,8 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 	if d := pred.StopCopyDowntime(); mode == migrate.ModeStopCopy && d != migrate.UnknownDowntime {
 		m.PredictedDowntimeMs = d.Milliseconds()
 	}
-	postcopy := mode == migrate.ModePostCopy
+	postcopy, precopy := mode == migrate.ModePostCopy, mode == migrate.ModePreCopy
+	pace := newPacer(req.GetBandwidthBytesPerSecond())
 
 	spec := rec.Spec
 	spec.IP = rec.IP // the address moves with the container
@@ -412,6 +411,24 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 	defer func() { _ = os.RemoveAll(work) }()
 	if err := os.MkdirAll(work, 0o700); err != nil {
 		return nil, err
+	}
+
+	// Pre-copy rounds run while the container does; a cancel still stops
+	// them.
+	var pageSend *pageSender
+	parentDir := ""
+	if precopy {
+		if pageSend, err = newPageSender(peer, id, pace); err != nil {
+			return nil, fmt.Errorf("pre-copy: %w", err)
+		}
+		defer pageSend.close()
+		report("precopy")
+		if parentDir, err = a.preCopy(ctx, pageSend, lc, work, req, m, report); err != nil {
+			if cause := context.Cause(ctx); errors.Is(cause, ErrCanceled) {
+				err = cause
+			}
+			return nil, fmt.Errorf("pre-copy: %w", err)
+		}
 	}
 
 	// The last moment a cancel is honoured.
@@ -475,9 +492,17 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 	report("dump")
 	dumpStart := time.Now()
 	criuWork := filepath.Join(work, "criu")
-	if postcopy {
+	switch {
+	case postcopy:
 		lazy, err = a.startLazyDump(ctx, lc, images, criuWork)
-	} else {
+	case precopy:
+		var n int64
+		n, _, err = pageSend.dump(ctx, lc, images, criuWork, parentDir, libcontainer.CriuOpts{LeaveRunning: true, TcpEstablished: true, FileLocks: true})
+		m.BytesSent += n
+		if err != nil {
+			err = fmt.Errorf("dump: %w", err)
+		}
+	default:
 		err = lc.Checkpoint(&libcontainer.CriuOpts{ImagesDirectory: images, WorkDirectory: criuWork,
 			LeaveRunning: true, TcpEstablished: true, FileLocks: true})
 		if err != nil {
@@ -492,6 +517,12 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 	if ds, err := migrate.ReadDumpStats(criuWork); err == nil {
 		m.CriuFrozenMs = ds.FrozenTime.Milliseconds()
 		m.PagesWritten = int64(ds.PagesWritten)
+		if precopy {
+			m.FinalPagesWritten, m.FinalPagesSkippedParent = int64(ds.PagesWritten), int64(ds.PagesSkippedParent)
+			if err := ds.CheckParentUsed(); err != nil {
+				log.Warn("the final dump did not use the pre-copy rounds", "err", err)
+			}
+		}
 	}
 	if a.net != nil {
 		// From here the address answers nowhere until the peer activates it:
@@ -503,18 +534,18 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 	}
 
 	report("transfer")
-	pace := newPacer(req.GetBandwidthBytesPerSecond())
 	xferStart := time.Now()
 	lastReport := time.Now()
+	sentBefore := m.BytesSent
 	sent, err := a.sendImages(ctx, peer, id, images, c, pace, func(n int64) {
 		if time.Since(lastReport) < 200*time.Millisecond || progress == nil {
 			return
 		}
 		lastReport = time.Now()
-		m.BytesSent, m.TotalMs = n, time.Since(start).Milliseconds()
+		m.BytesSent, m.TotalMs = sentBefore+n, time.Since(start).Milliseconds()
 		progress(proto.Clone(m).(*api.Migration))
 	})
-	m.BytesSent, m.TransferMs = sent, time.Since(xferStart).Milliseconds()
+	m.BytesSent, m.TransferMs = sentBefore+sent, time.Since(xferStart).Milliseconds()
 	if err != nil {
 		return nil, fmt.Errorf("transfer: %w", err)
 	}
@@ -686,7 +717,9 @@ func (a *Agent) sendImages(ctx context.Context, peer *client.Client, id, images 
 		name, dir string
 		opts      migrate.WriteOptions
 	}{
-		{"images", images, migrate.WriteOptions{}},
+		// A pre-copy's final dump links its parent round; the peer's page
+		// server made that link on its side.
+		{"images", images, migrate.WriteOptions{Skip: []string{"parent"}}},
 		// Sockets and FIFOs left in the upper layer are re-made by CRIU
 		// or by the restored program; they cannot be carried as files.
 		{"upper", filepath.Join(c.dir, "upper"), migrate.WriteOptions{SkipUnsupported: true}},

@@ -132,6 +132,12 @@ func criuLogTail(path string) string {
 
 // openTunnel opens the source's end of a PageTunnel and pumps conn through it.
 func (a *Agent) openTunnel(ctx context.Context, peer api.FerryClient, id string, conn net.Conn, pace *pacer, sent *atomic.Int64) (<-chan error, error) {
+	return openTunnelStream(ctx, peer, id, conn, pace, sent)
+}
+
+// openTunnelStream opens a PageTunnel (its metadata: the migration, and
+// what ctx adds) and pumps conn through it; the channel yields the end.
+func openTunnelStream(ctx context.Context, peer api.FerryClient, id string, conn net.Conn, pace *pacer, sent *atomic.Int64) (<-chan error, error) {
 	stream, err := peer.PageTunnel(metadata.AppendToOutgoingContext(ctx, MigrationIDKey, id))
 	if err != nil {
 		return nil, err
@@ -236,12 +242,16 @@ func (p *pacer) wait(n int) {
 
 // The destination's half.
 
-// prepareLazy makes the incoming migration's private namespace and the
-// listener the lazy-pages daemon will reach the tunnel by.
-func (in *incoming) prepareLazy() error {
+// preparePages makes the incoming migration's private namespace, and for
+// post-copy the listener the lazy-pages daemon will reach the tunnel by.
+func (in *incoming) preparePages() error {
 	ns, err := privnet.New()
 	if err != nil {
 		return err
+	}
+	if in.mode != migrate.ModePostCopy {
+		in.pageNS = ns
+		return nil
 	}
 	ln, err := ns.Listen(lazyAddr)
 	if err != nil {
@@ -339,8 +349,11 @@ func (a *Agent) PageTunnel(ctx context.Context, id string, recv func() (*api.Tun
 	if err != nil {
 		return err
 	}
+	if in.mode == migrate.ModePreCopy {
+		return a.servePages(ctx, in, recv, send)
+	}
 	if in.pageLn == nil {
-		return fmt.Errorf("incoming migration %q: not a post-copy migration: %w", in.id, ErrFailedPrecondition)
+		return fmt.Errorf("incoming migration %q: not a post-copy or pre-copy migration: %w", in.id, ErrFailedPrecondition)
 	}
 	if !in.tunnel.CompareAndSwap(false, true) {
 		return fmt.Errorf("incoming migration %q: page tunnel already open: %w", in.id, ErrAlreadyExists)

@@ -598,9 +598,9 @@ type migFigures struct {
 
 // ferryFigures is one ferry migration's measurements.
 type ferryFigures struct {
-	ok                                                          bool
+	ok                                                           bool
 	seen, seenMono, frozen, dump, xfer, restore, criuFrozen, cmd float64
-	mib, postcopy                                               float64
+	mib, postcopy                                                float64
 }
 
 // migRig is what the cells share: the two ferryds, the runc driver, the

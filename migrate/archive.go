@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -63,6 +64,10 @@ type WriteOptions struct {
 	// container's upper layer may hold a stale socket; CRIU's image
 	// directory never does.
 	SkipUnsupported bool
+	// Skip, when set, leaves out the top-level entries it names (a
+	// pre-copy's final image directory holds a "parent" link to the
+	// previous round, which the receiver makes itself).
+	Skip []string
 }
 
 // Limits bound what ExtractTree accepts. Both must be set: a receiver
@@ -163,6 +168,9 @@ func (t *treeWriter) walk(dir *os.File, dirfd int, prefix string) error {
 	}
 	sort.Strings(names)
 	for _, name := range names {
+		if prefix == "" && slices.Contains(t.opts.Skip, name) {
+			continue
+		}
 		if err := t.entry(dirfd, name, path.Join(prefix, name)); err != nil {
 			return err
 		}

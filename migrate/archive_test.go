@@ -709,3 +709,28 @@ func TestWriteTreeDoesNotFollowSymlinks(t *testing.T) {
 		t.Errorf("summary %+v: the symlinked directory was followed", s)
 	}
 }
+
+func TestWriteTreeSkip(t *testing.T) {
+	src := t.TempDir()
+	if err := os.WriteFile(filepath.Join(src, "core-1.img"), []byte("core"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("../pre-2", filepath.Join(src, "parent")); err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	sum, err := WriteTree(&buf, src, WriteOptions{Skip: []string{"parent"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dst := t.TempDir()
+	if _, err := ExtractTree(&buf, dst, Limits{MaxBytes: 1 << 20, MaxFiles: 10}); err != nil {
+		t.Fatalf("extract: %v (summary %+v)", err, sum)
+	}
+	if _, err := os.Lstat(filepath.Join(dst, "parent")); !os.IsNotExist(err) {
+		t.Errorf("parent link carried: %v", err)
+	}
+	if b, err := os.ReadFile(filepath.Join(dst, "core-1.img")); err != nil || string(b) != "core" {
+		t.Errorf("core-1.img: %q %v", b, err)
+	}
+}

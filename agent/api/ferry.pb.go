@@ -1794,8 +1794,13 @@ type Migration struct {
 	// moved, and the page bytes moved in that time (part of bytes_sent).
 	PostcopyMs    int64 `protobuf:"varint,22,opt,name=postcopy_ms,json=postcopyMs,proto3" json:"postcopy_ms,omitempty"`
 	PostcopyBytes int64 `protobuf:"varint,23,opt,name=postcopy_bytes,json=postcopyBytes,proto3" json:"postcopy_bytes,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// Pre-copy: each pre-dump round, and what the final dump left to its
+	// parents (CRIU's pages_skipped_parent; 0 would mean a silent full dump).
+	PrecopyRounds           []*PrecopyRound `protobuf:"bytes,24,rep,name=precopy_rounds,json=precopyRounds,proto3" json:"precopy_rounds,omitempty"`
+	FinalPagesWritten       int64           `protobuf:"varint,25,opt,name=final_pages_written,json=finalPagesWritten,proto3" json:"final_pages_written,omitempty"`
+	FinalPagesSkippedParent int64           `protobuf:"varint,26,opt,name=final_pages_skipped_parent,json=finalPagesSkippedParent,proto3" json:"final_pages_skipped_parent,omitempty"`
+	unknownFields           protoimpl.UnknownFields
+	sizeCache               protoimpl.SizeCache
 }
 
 func (x *Migration) Reset() {
@@ -1989,6 +1994,128 @@ func (x *Migration) GetPostcopyBytes() int64 {
 	return 0
 }
 
+func (x *Migration) GetPrecopyRounds() []*PrecopyRound {
+	if x != nil {
+		return x.PrecopyRounds
+	}
+	return nil
+}
+
+func (x *Migration) GetFinalPagesWritten() int64 {
+	if x != nil {
+		return x.FinalPagesWritten
+	}
+	return 0
+}
+
+func (x *Migration) GetFinalPagesSkippedParent() int64 {
+	if x != nil {
+		return x.FinalPagesSkippedParent
+	}
+	return 0
+}
+
+type PrecopyRound struct {
+	state              protoimpl.MessageState `protogen:"open.v1"`
+	Round              int32                  `protobuf:"varint,1,opt,name=round,proto3" json:"round,omitempty"`
+	PagesWritten       int64                  `protobuf:"varint,2,opt,name=pages_written,json=pagesWritten,proto3" json:"pages_written,omitempty"`
+	PagesSkippedParent int64                  `protobuf:"varint,3,opt,name=pages_skipped_parent,json=pagesSkippedParent,proto3" json:"pages_skipped_parent,omitempty"`
+	FrozenMs           int64                  `protobuf:"varint,4,opt,name=frozen_ms,json=frozenMs,proto3" json:"frozen_ms,omitempty"`
+	Bytes              int64                  `protobuf:"varint,5,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	Ms                 int64                  `protobuf:"varint,6,opt,name=ms,proto3" json:"ms,omitempty"`
+	// The convergence rule's verdict after this round.
+	Decision            string `protobuf:"bytes,7,opt,name=decision,proto3" json:"decision,omitempty"`
+	PredictedDowntimeMs int64  `protobuf:"varint,8,opt,name=predicted_downtime_ms,json=predictedDowntimeMs,proto3" json:"predicted_downtime_ms,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *PrecopyRound) Reset() {
+	*x = PrecopyRound{}
+	mi := &file_ferry_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PrecopyRound) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PrecopyRound) ProtoMessage() {}
+
+func (x *PrecopyRound) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PrecopyRound.ProtoReflect.Descriptor instead.
+func (*PrecopyRound) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *PrecopyRound) GetRound() int32 {
+	if x != nil {
+		return x.Round
+	}
+	return 0
+}
+
+func (x *PrecopyRound) GetPagesWritten() int64 {
+	if x != nil {
+		return x.PagesWritten
+	}
+	return 0
+}
+
+func (x *PrecopyRound) GetPagesSkippedParent() int64 {
+	if x != nil {
+		return x.PagesSkippedParent
+	}
+	return 0
+}
+
+func (x *PrecopyRound) GetFrozenMs() int64 {
+	if x != nil {
+		return x.FrozenMs
+	}
+	return 0
+}
+
+func (x *PrecopyRound) GetBytes() int64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+func (x *PrecopyRound) GetMs() int64 {
+	if x != nil {
+		return x.Ms
+	}
+	return 0
+}
+
+func (x *PrecopyRound) GetDecision() string {
+	if x != nil {
+		return x.Decision
+	}
+	return ""
+}
+
+func (x *PrecopyRound) GetPredictedDowntimeMs() int64 {
+	if x != nil {
+		return x.PredictedDowntimeMs
+	}
+	return 0
+}
+
 type CancelMigrationRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -1998,7 +2125,7 @@ type CancelMigrationRequest struct {
 
 func (x *CancelMigrationRequest) Reset() {
 	*x = CancelMigrationRequest{}
-	mi := &file_ferry_proto_msgTypes[24]
+	mi := &file_ferry_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2010,7 +2137,7 @@ func (x *CancelMigrationRequest) String() string {
 func (*CancelMigrationRequest) ProtoMessage() {}
 
 func (x *CancelMigrationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[24]
+	mi := &file_ferry_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2023,7 +2150,7 @@ func (x *CancelMigrationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelMigrationRequest.ProtoReflect.Descriptor instead.
 func (*CancelMigrationRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{24}
+	return file_ferry_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *CancelMigrationRequest) GetId() string {
@@ -2042,7 +2169,7 @@ type GetMigrationRequest struct {
 
 func (x *GetMigrationRequest) Reset() {
 	*x = GetMigrationRequest{}
-	mi := &file_ferry_proto_msgTypes[25]
+	mi := &file_ferry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2054,7 +2181,7 @@ func (x *GetMigrationRequest) String() string {
 func (*GetMigrationRequest) ProtoMessage() {}
 
 func (x *GetMigrationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[25]
+	mi := &file_ferry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2067,7 +2194,7 @@ func (x *GetMigrationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMigrationRequest.ProtoReflect.Descriptor instead.
 func (*GetMigrationRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{25}
+	return file_ferry_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *GetMigrationRequest) GetId() string {
@@ -2085,7 +2212,7 @@ type ListMigrationsRequest struct {
 
 func (x *ListMigrationsRequest) Reset() {
 	*x = ListMigrationsRequest{}
-	mi := &file_ferry_proto_msgTypes[26]
+	mi := &file_ferry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2097,7 +2224,7 @@ func (x *ListMigrationsRequest) String() string {
 func (*ListMigrationsRequest) ProtoMessage() {}
 
 func (x *ListMigrationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[26]
+	mi := &file_ferry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2110,7 +2237,7 @@ func (x *ListMigrationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMigrationsRequest.ProtoReflect.Descriptor instead.
 func (*ListMigrationsRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{26}
+	return file_ferry_proto_rawDescGZIP(), []int{27}
 }
 
 type ListMigrationsResponse struct {
@@ -2122,7 +2249,7 @@ type ListMigrationsResponse struct {
 
 func (x *ListMigrationsResponse) Reset() {
 	*x = ListMigrationsResponse{}
-	mi := &file_ferry_proto_msgTypes[27]
+	mi := &file_ferry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2134,7 +2261,7 @@ func (x *ListMigrationsResponse) String() string {
 func (*ListMigrationsResponse) ProtoMessage() {}
 
 func (x *ListMigrationsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[27]
+	mi := &file_ferry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2147,7 +2274,7 @@ func (x *ListMigrationsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMigrationsResponse.ProtoReflect.Descriptor instead.
 func (*ListMigrationsResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{27}
+	return file_ferry_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ListMigrationsResponse) GetMigrations() []*Migration {
@@ -2175,7 +2302,7 @@ type PrepareIncomingRequest struct {
 
 func (x *PrepareIncomingRequest) Reset() {
 	*x = PrepareIncomingRequest{}
-	mi := &file_ferry_proto_msgTypes[28]
+	mi := &file_ferry_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2187,7 +2314,7 @@ func (x *PrepareIncomingRequest) String() string {
 func (*PrepareIncomingRequest) ProtoMessage() {}
 
 func (x *PrepareIncomingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[28]
+	mi := &file_ferry_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2200,7 +2327,7 @@ func (x *PrepareIncomingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareIncomingRequest.ProtoReflect.Descriptor instead.
 func (*PrepareIncomingRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{28}
+	return file_ferry_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *PrepareIncomingRequest) GetMigrationId() string {
@@ -2263,7 +2390,7 @@ type PrepareIncomingResponse struct {
 
 func (x *PrepareIncomingResponse) Reset() {
 	*x = PrepareIncomingResponse{}
-	mi := &file_ferry_proto_msgTypes[29]
+	mi := &file_ferry_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2275,7 +2402,7 @@ func (x *PrepareIncomingResponse) String() string {
 func (*PrepareIncomingResponse) ProtoMessage() {}
 
 func (x *PrepareIncomingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[29]
+	mi := &file_ferry_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2288,7 +2415,7 @@ func (x *PrepareIncomingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareIncomingResponse.ProtoReflect.Descriptor instead.
 func (*PrepareIncomingResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{29}
+	return file_ferry_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *PrepareIncomingResponse) GetNodeName() string {
@@ -2326,7 +2453,7 @@ type ImageChunk struct {
 
 func (x *ImageChunk) Reset() {
 	*x = ImageChunk{}
-	mi := &file_ferry_proto_msgTypes[30]
+	mi := &file_ferry_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2338,7 +2465,7 @@ func (x *ImageChunk) String() string {
 func (*ImageChunk) ProtoMessage() {}
 
 func (x *ImageChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[30]
+	mi := &file_ferry_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2351,7 +2478,7 @@ func (x *ImageChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageChunk.ProtoReflect.Descriptor instead.
 func (*ImageChunk) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{30}
+	return file_ferry_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ImageChunk) GetMigrationId() string {
@@ -2384,7 +2511,7 @@ type SendImagesResponse struct {
 
 func (x *SendImagesResponse) Reset() {
 	*x = SendImagesResponse{}
-	mi := &file_ferry_proto_msgTypes[31]
+	mi := &file_ferry_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2396,7 +2523,7 @@ func (x *SendImagesResponse) String() string {
 func (*SendImagesResponse) ProtoMessage() {}
 
 func (x *SendImagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[31]
+	mi := &file_ferry_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2409,7 +2536,7 @@ func (x *SendImagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendImagesResponse.ProtoReflect.Descriptor instead.
 func (*SendImagesResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{31}
+	return file_ferry_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *SendImagesResponse) GetBytes() int64 {
@@ -2428,7 +2555,7 @@ type RestoreIncomingRequest struct {
 
 func (x *RestoreIncomingRequest) Reset() {
 	*x = RestoreIncomingRequest{}
-	mi := &file_ferry_proto_msgTypes[32]
+	mi := &file_ferry_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2440,7 +2567,7 @@ func (x *RestoreIncomingRequest) String() string {
 func (*RestoreIncomingRequest) ProtoMessage() {}
 
 func (x *RestoreIncomingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[32]
+	mi := &file_ferry_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2453,7 +2580,7 @@ func (x *RestoreIncomingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreIncomingRequest.ProtoReflect.Descriptor instead.
 func (*RestoreIncomingRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{32}
+	return file_ferry_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *RestoreIncomingRequest) GetMigrationId() string {
@@ -2473,7 +2600,7 @@ type RestoreIncomingResponse struct {
 
 func (x *RestoreIncomingResponse) Reset() {
 	*x = RestoreIncomingResponse{}
-	mi := &file_ferry_proto_msgTypes[33]
+	mi := &file_ferry_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2485,7 +2612,7 @@ func (x *RestoreIncomingResponse) String() string {
 func (*RestoreIncomingResponse) ProtoMessage() {}
 
 func (x *RestoreIncomingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[33]
+	mi := &file_ferry_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2498,7 +2625,7 @@ func (x *RestoreIncomingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreIncomingResponse.ProtoReflect.Descriptor instead.
 func (*RestoreIncomingResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{33}
+	return file_ferry_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *RestoreIncomingResponse) GetPid() int64 {
@@ -2525,7 +2652,7 @@ type AbortIncomingRequest struct {
 
 func (x *AbortIncomingRequest) Reset() {
 	*x = AbortIncomingRequest{}
-	mi := &file_ferry_proto_msgTypes[34]
+	mi := &file_ferry_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2537,7 +2664,7 @@ func (x *AbortIncomingRequest) String() string {
 func (*AbortIncomingRequest) ProtoMessage() {}
 
 func (x *AbortIncomingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[34]
+	mi := &file_ferry_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2550,7 +2677,7 @@ func (x *AbortIncomingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortIncomingRequest.ProtoReflect.Descriptor instead.
 func (*AbortIncomingRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{34}
+	return file_ferry_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *AbortIncomingRequest) GetMigrationId() string {
@@ -2575,7 +2702,7 @@ type AbortIncomingResponse struct {
 
 func (x *AbortIncomingResponse) Reset() {
 	*x = AbortIncomingResponse{}
-	mi := &file_ferry_proto_msgTypes[35]
+	mi := &file_ferry_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2587,7 +2714,7 @@ func (x *AbortIncomingResponse) String() string {
 func (*AbortIncomingResponse) ProtoMessage() {}
 
 func (x *AbortIncomingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[35]
+	mi := &file_ferry_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2600,7 +2727,7 @@ func (x *AbortIncomingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortIncomingResponse.ProtoReflect.Descriptor instead.
 func (*AbortIncomingResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{35}
+	return file_ferry_proto_rawDescGZIP(), []int{36}
 }
 
 type TunnelChunk struct {
@@ -2616,7 +2743,7 @@ type TunnelChunk struct {
 
 func (x *TunnelChunk) Reset() {
 	*x = TunnelChunk{}
-	mi := &file_ferry_proto_msgTypes[36]
+	mi := &file_ferry_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2628,7 +2755,7 @@ func (x *TunnelChunk) String() string {
 func (*TunnelChunk) ProtoMessage() {}
 
 func (x *TunnelChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[36]
+	mi := &file_ferry_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2641,7 +2768,7 @@ func (x *TunnelChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelChunk.ProtoReflect.Descriptor instead.
 func (*TunnelChunk) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{36}
+	return file_ferry_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *TunnelChunk) GetMigrationId() string {
@@ -2674,7 +2801,7 @@ type CompleteIncomingRequest struct {
 
 func (x *CompleteIncomingRequest) Reset() {
 	*x = CompleteIncomingRequest{}
-	mi := &file_ferry_proto_msgTypes[37]
+	mi := &file_ferry_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2686,7 +2813,7 @@ func (x *CompleteIncomingRequest) String() string {
 func (*CompleteIncomingRequest) ProtoMessage() {}
 
 func (x *CompleteIncomingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[37]
+	mi := &file_ferry_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2699,7 +2826,7 @@ func (x *CompleteIncomingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteIncomingRequest.ProtoReflect.Descriptor instead.
 func (*CompleteIncomingRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{37}
+	return file_ferry_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *CompleteIncomingRequest) GetMigrationId() string {
@@ -2719,7 +2846,7 @@ type CompleteIncomingResponse struct {
 
 func (x *CompleteIncomingResponse) Reset() {
 	*x = CompleteIncomingResponse{}
-	mi := &file_ferry_proto_msgTypes[38]
+	mi := &file_ferry_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2731,7 +2858,7 @@ func (x *CompleteIncomingResponse) String() string {
 func (*CompleteIncomingResponse) ProtoMessage() {}
 
 func (x *CompleteIncomingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[38]
+	mi := &file_ferry_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2744,7 +2871,7 @@ func (x *CompleteIncomingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteIncomingResponse.ProtoReflect.Descriptor instead.
 func (*CompleteIncomingResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{38}
+	return file_ferry_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *CompleteIncomingResponse) GetPostcopyMs() int64 {
@@ -2915,7 +3042,7 @@ const file_ferry_proto_rawDesc = "" +
 	"\n" +
 	"max_rounds\x18\x05 \x01(\x05R\tmaxRounds\x12;\n" +
 	"\x1abandwidth_bytes_per_second\x18\x06 \x01(\x03R\x17bandwidthBytesPerSecond\x12!\n" +
-	"\fmigration_id\x18\a \x01(\tR\vmigrationId\"\xb0\x05\n" +
+	"\fmigration_id\x18\a \x01(\tR\vmigrationId\"\xdc\x06\n" +
 	"\tMigration\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1c\n" +
 	"\tcontainer\x18\x02 \x01(\tR\tcontainer\x12\x12\n" +
@@ -2947,7 +3074,19 @@ const file_ferry_proto_rawDesc = "" +
 	"\x15predicted_downtime_ms\x18\x15 \x01(\x03R\x13predictedDowntimeMs\x12\x1f\n" +
 	"\vpostcopy_ms\x18\x16 \x01(\x03R\n" +
 	"postcopyMs\x12%\n" +
-	"\x0epostcopy_bytes\x18\x17 \x01(\x03R\rpostcopyBytes\"(\n" +
+	"\x0epostcopy_bytes\x18\x17 \x01(\x03R\rpostcopyBytes\x12=\n" +
+	"\x0eprecopy_rounds\x18\x18 \x03(\v2\x16.ferry.v1.PrecopyRoundR\rprecopyRounds\x12.\n" +
+	"\x13final_pages_written\x18\x19 \x01(\x03R\x11finalPagesWritten\x12;\n" +
+	"\x1afinal_pages_skipped_parent\x18\x1a \x01(\x03R\x17finalPagesSkippedParent\"\x8e\x02\n" +
+	"\fPrecopyRound\x12\x14\n" +
+	"\x05round\x18\x01 \x01(\x05R\x05round\x12#\n" +
+	"\rpages_written\x18\x02 \x01(\x03R\fpagesWritten\x120\n" +
+	"\x14pages_skipped_parent\x18\x03 \x01(\x03R\x12pagesSkippedParent\x12\x1b\n" +
+	"\tfrozen_ms\x18\x04 \x01(\x03R\bfrozenMs\x12\x14\n" +
+	"\x05bytes\x18\x05 \x01(\x03R\x05bytes\x12\x0e\n" +
+	"\x02ms\x18\x06 \x01(\x03R\x02ms\x12\x1a\n" +
+	"\bdecision\x18\a \x01(\tR\bdecision\x122\n" +
+	"\x15predicted_downtime_ms\x18\b \x01(\x03R\x13predictedDowntimeMs\"(\n" +
 	"\x16CancelMigrationRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"%\n" +
 	"\x13GetMigrationRequest\x12\x0e\n" +
@@ -3034,7 +3173,7 @@ func file_ferry_proto_rawDescGZIP() []byte {
 	return file_ferry_proto_rawDescData
 }
 
-var file_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
+var file_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 43)
 var file_ferry_proto_goTypes = []any{
 	(*VersionRequest)(nil),           // 0: ferry.v1.VersionRequest
 	(*VersionResponse)(nil),          // 1: ferry.v1.VersionResponse
@@ -3060,36 +3199,37 @@ var file_ferry_proto_goTypes = []any{
 	(*NodeReport)(nil),               // 21: ferry.v1.NodeReport
 	(*MigrateRequest)(nil),           // 22: ferry.v1.MigrateRequest
 	(*Migration)(nil),                // 23: ferry.v1.Migration
-	(*CancelMigrationRequest)(nil),   // 24: ferry.v1.CancelMigrationRequest
-	(*GetMigrationRequest)(nil),      // 25: ferry.v1.GetMigrationRequest
-	(*ListMigrationsRequest)(nil),    // 26: ferry.v1.ListMigrationsRequest
-	(*ListMigrationsResponse)(nil),   // 27: ferry.v1.ListMigrationsResponse
-	(*PrepareIncomingRequest)(nil),   // 28: ferry.v1.PrepareIncomingRequest
-	(*PrepareIncomingResponse)(nil),  // 29: ferry.v1.PrepareIncomingResponse
-	(*ImageChunk)(nil),               // 30: ferry.v1.ImageChunk
-	(*SendImagesResponse)(nil),       // 31: ferry.v1.SendImagesResponse
-	(*RestoreIncomingRequest)(nil),   // 32: ferry.v1.RestoreIncomingRequest
-	(*RestoreIncomingResponse)(nil),  // 33: ferry.v1.RestoreIncomingResponse
-	(*AbortIncomingRequest)(nil),     // 34: ferry.v1.AbortIncomingRequest
-	(*AbortIncomingResponse)(nil),    // 35: ferry.v1.AbortIncomingResponse
-	(*TunnelChunk)(nil),              // 36: ferry.v1.TunnelChunk
-	(*CompleteIncomingRequest)(nil),  // 37: ferry.v1.CompleteIncomingRequest
-	(*CompleteIncomingResponse)(nil), // 38: ferry.v1.CompleteIncomingResponse
-	nil,                              // 39: ferry.v1.RunContainerRequest.SysctlsEntry
-	nil,                              // 40: ferry.v1.Container.SysctlsEntry
-	nil,                              // 41: ferry.v1.Event.AttributesEntry
+	(*PrecopyRound)(nil),             // 24: ferry.v1.PrecopyRound
+	(*CancelMigrationRequest)(nil),   // 25: ferry.v1.CancelMigrationRequest
+	(*GetMigrationRequest)(nil),      // 26: ferry.v1.GetMigrationRequest
+	(*ListMigrationsRequest)(nil),    // 27: ferry.v1.ListMigrationsRequest
+	(*ListMigrationsResponse)(nil),   // 28: ferry.v1.ListMigrationsResponse
+	(*PrepareIncomingRequest)(nil),   // 29: ferry.v1.PrepareIncomingRequest
+	(*PrepareIncomingResponse)(nil),  // 30: ferry.v1.PrepareIncomingResponse
+	(*ImageChunk)(nil),               // 31: ferry.v1.ImageChunk
+	(*SendImagesResponse)(nil),       // 32: ferry.v1.SendImagesResponse
+	(*RestoreIncomingRequest)(nil),   // 33: ferry.v1.RestoreIncomingRequest
+	(*RestoreIncomingResponse)(nil),  // 34: ferry.v1.RestoreIncomingResponse
+	(*AbortIncomingRequest)(nil),     // 35: ferry.v1.AbortIncomingRequest
+	(*AbortIncomingResponse)(nil),    // 36: ferry.v1.AbortIncomingResponse
+	(*TunnelChunk)(nil),              // 37: ferry.v1.TunnelChunk
+	(*CompleteIncomingRequest)(nil),  // 38: ferry.v1.CompleteIncomingRequest
+	(*CompleteIncomingResponse)(nil), // 39: ferry.v1.CompleteIncomingResponse
+	nil,                              // 40: ferry.v1.RunContainerRequest.SysctlsEntry
+	nil,                              // 41: ferry.v1.Container.SysctlsEntry
+	nil,                              // 42: ferry.v1.Event.AttributesEntry
 }
 var file_ferry_proto_depIdxs = []int32{
 	2,  // 0: ferry.v1.VersionResponse.features:type_name -> ferry.v1.MigrationFeatures
 	3,  // 1: ferry.v1.RunContainerRequest.guarantee:type_name -> ferry.v1.Resources
 	3,  // 2: ferry.v1.RunContainerRequest.ceiling:type_name -> ferry.v1.Resources
-	39, // 3: ferry.v1.RunContainerRequest.sysctls:type_name -> ferry.v1.RunContainerRequest.SysctlsEntry
+	40, // 3: ferry.v1.RunContainerRequest.sysctls:type_name -> ferry.v1.RunContainerRequest.SysctlsEntry
 	3,  // 4: ferry.v1.Container.guarantee:type_name -> ferry.v1.Resources
 	3,  // 5: ferry.v1.Container.ceiling:type_name -> ferry.v1.Resources
-	40, // 6: ferry.v1.Container.sysctls:type_name -> ferry.v1.Container.SysctlsEntry
+	41, // 6: ferry.v1.Container.sysctls:type_name -> ferry.v1.Container.SysctlsEntry
 	3,  // 7: ferry.v1.Container.effective_ceiling:type_name -> ferry.v1.Resources
 	5,  // 8: ferry.v1.ListContainersResponse.containers:type_name -> ferry.v1.Container
-	41, // 9: ferry.v1.Event.attributes:type_name -> ferry.v1.Event.AttributesEntry
+	42, // 9: ferry.v1.Event.attributes:type_name -> ferry.v1.Event.AttributesEntry
 	3,  // 10: ferry.v1.ContainerResources.guarantee:type_name -> ferry.v1.Resources
 	3,  // 11: ferry.v1.ContainerResources.ceiling:type_name -> ferry.v1.Resources
 	3,  // 12: ferry.v1.ContainerResources.effective_ceiling:type_name -> ferry.v1.Resources
@@ -3097,52 +3237,53 @@ var file_ferry_proto_depIdxs = []int32{
 	19, // 14: ferry.v1.NodeReport.cpu:type_name -> ferry.v1.ResourceReport
 	19, // 15: ferry.v1.NodeReport.memory:type_name -> ferry.v1.ResourceReport
 	20, // 16: ferry.v1.NodeReport.containers:type_name -> ferry.v1.ContainerResources
-	23, // 17: ferry.v1.ListMigrationsResponse.migrations:type_name -> ferry.v1.Migration
-	0,  // 18: ferry.v1.Ferry.Version:input_type -> ferry.v1.VersionRequest
-	4,  // 19: ferry.v1.Ferry.RunContainer:input_type -> ferry.v1.RunContainerRequest
-	6,  // 20: ferry.v1.Ferry.ListContainers:input_type -> ferry.v1.ListContainersRequest
-	8,  // 21: ferry.v1.Ferry.GetContainer:input_type -> ferry.v1.GetContainerRequest
-	9,  // 22: ferry.v1.Ferry.StopContainer:input_type -> ferry.v1.StopContainerRequest
-	10, // 23: ferry.v1.Ferry.RemoveContainer:input_type -> ferry.v1.RemoveContainerRequest
-	12, // 24: ferry.v1.Ferry.Exec:input_type -> ferry.v1.ExecRequest
-	14, // 25: ferry.v1.Ferry.Logs:input_type -> ferry.v1.LogsRequest
-	16, // 26: ferry.v1.Ferry.Events:input_type -> ferry.v1.EventsRequest
-	18, // 27: ferry.v1.Ferry.Node:input_type -> ferry.v1.NodeRequest
-	22, // 28: ferry.v1.Ferry.Migrate:input_type -> ferry.v1.MigrateRequest
-	25, // 29: ferry.v1.Ferry.GetMigration:input_type -> ferry.v1.GetMigrationRequest
-	26, // 30: ferry.v1.Ferry.ListMigrations:input_type -> ferry.v1.ListMigrationsRequest
-	24, // 31: ferry.v1.Ferry.CancelMigration:input_type -> ferry.v1.CancelMigrationRequest
-	28, // 32: ferry.v1.Ferry.PrepareIncoming:input_type -> ferry.v1.PrepareIncomingRequest
-	30, // 33: ferry.v1.Ferry.SendImages:input_type -> ferry.v1.ImageChunk
-	32, // 34: ferry.v1.Ferry.RestoreIncoming:input_type -> ferry.v1.RestoreIncomingRequest
-	34, // 35: ferry.v1.Ferry.AbortIncoming:input_type -> ferry.v1.AbortIncomingRequest
-	36, // 36: ferry.v1.Ferry.PageTunnel:input_type -> ferry.v1.TunnelChunk
-	37, // 37: ferry.v1.Ferry.CompleteIncoming:input_type -> ferry.v1.CompleteIncomingRequest
-	1,  // 38: ferry.v1.Ferry.Version:output_type -> ferry.v1.VersionResponse
-	5,  // 39: ferry.v1.Ferry.RunContainer:output_type -> ferry.v1.Container
-	7,  // 40: ferry.v1.Ferry.ListContainers:output_type -> ferry.v1.ListContainersResponse
-	5,  // 41: ferry.v1.Ferry.GetContainer:output_type -> ferry.v1.Container
-	5,  // 42: ferry.v1.Ferry.StopContainer:output_type -> ferry.v1.Container
-	11, // 43: ferry.v1.Ferry.RemoveContainer:output_type -> ferry.v1.RemoveContainerResponse
-	13, // 44: ferry.v1.Ferry.Exec:output_type -> ferry.v1.ExecOutput
-	15, // 45: ferry.v1.Ferry.Logs:output_type -> ferry.v1.LogChunk
-	17, // 46: ferry.v1.Ferry.Events:output_type -> ferry.v1.Event
-	21, // 47: ferry.v1.Ferry.Node:output_type -> ferry.v1.NodeReport
-	23, // 48: ferry.v1.Ferry.Migrate:output_type -> ferry.v1.Migration
-	23, // 49: ferry.v1.Ferry.GetMigration:output_type -> ferry.v1.Migration
-	27, // 50: ferry.v1.Ferry.ListMigrations:output_type -> ferry.v1.ListMigrationsResponse
-	23, // 51: ferry.v1.Ferry.CancelMigration:output_type -> ferry.v1.Migration
-	29, // 52: ferry.v1.Ferry.PrepareIncoming:output_type -> ferry.v1.PrepareIncomingResponse
-	31, // 53: ferry.v1.Ferry.SendImages:output_type -> ferry.v1.SendImagesResponse
-	33, // 54: ferry.v1.Ferry.RestoreIncoming:output_type -> ferry.v1.RestoreIncomingResponse
-	35, // 55: ferry.v1.Ferry.AbortIncoming:output_type -> ferry.v1.AbortIncomingResponse
-	36, // 56: ferry.v1.Ferry.PageTunnel:output_type -> ferry.v1.TunnelChunk
-	38, // 57: ferry.v1.Ferry.CompleteIncoming:output_type -> ferry.v1.CompleteIncomingResponse
-	38, // [38:58] is the sub-list for method output_type
-	18, // [18:38] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	24, // 17: ferry.v1.Migration.precopy_rounds:type_name -> ferry.v1.PrecopyRound
+	23, // 18: ferry.v1.ListMigrationsResponse.migrations:type_name -> ferry.v1.Migration
+	0,  // 19: ferry.v1.Ferry.Version:input_type -> ferry.v1.VersionRequest
+	4,  // 20: ferry.v1.Ferry.RunContainer:input_type -> ferry.v1.RunContainerRequest
+	6,  // 21: ferry.v1.Ferry.ListContainers:input_type -> ferry.v1.ListContainersRequest
+	8,  // 22: ferry.v1.Ferry.GetContainer:input_type -> ferry.v1.GetContainerRequest
+	9,  // 23: ferry.v1.Ferry.StopContainer:input_type -> ferry.v1.StopContainerRequest
+	10, // 24: ferry.v1.Ferry.RemoveContainer:input_type -> ferry.v1.RemoveContainerRequest
+	12, // 25: ferry.v1.Ferry.Exec:input_type -> ferry.v1.ExecRequest
+	14, // 26: ferry.v1.Ferry.Logs:input_type -> ferry.v1.LogsRequest
+	16, // 27: ferry.v1.Ferry.Events:input_type -> ferry.v1.EventsRequest
+	18, // 28: ferry.v1.Ferry.Node:input_type -> ferry.v1.NodeRequest
+	22, // 29: ferry.v1.Ferry.Migrate:input_type -> ferry.v1.MigrateRequest
+	26, // 30: ferry.v1.Ferry.GetMigration:input_type -> ferry.v1.GetMigrationRequest
+	27, // 31: ferry.v1.Ferry.ListMigrations:input_type -> ferry.v1.ListMigrationsRequest
+	25, // 32: ferry.v1.Ferry.CancelMigration:input_type -> ferry.v1.CancelMigrationRequest
+	29, // 33: ferry.v1.Ferry.PrepareIncoming:input_type -> ferry.v1.PrepareIncomingRequest
+	31, // 34: ferry.v1.Ferry.SendImages:input_type -> ferry.v1.ImageChunk
+	33, // 35: ferry.v1.Ferry.RestoreIncoming:input_type -> ferry.v1.RestoreIncomingRequest
+	35, // 36: ferry.v1.Ferry.AbortIncoming:input_type -> ferry.v1.AbortIncomingRequest
+	37, // 37: ferry.v1.Ferry.PageTunnel:input_type -> ferry.v1.TunnelChunk
+	38, // 38: ferry.v1.Ferry.CompleteIncoming:input_type -> ferry.v1.CompleteIncomingRequest
+	1,  // 39: ferry.v1.Ferry.Version:output_type -> ferry.v1.VersionResponse
+	5,  // 40: ferry.v1.Ferry.RunContainer:output_type -> ferry.v1.Container
+	7,  // 41: ferry.v1.Ferry.ListContainers:output_type -> ferry.v1.ListContainersResponse
+	5,  // 42: ferry.v1.Ferry.GetContainer:output_type -> ferry.v1.Container
+	5,  // 43: ferry.v1.Ferry.StopContainer:output_type -> ferry.v1.Container
+	11, // 44: ferry.v1.Ferry.RemoveContainer:output_type -> ferry.v1.RemoveContainerResponse
+	13, // 45: ferry.v1.Ferry.Exec:output_type -> ferry.v1.ExecOutput
+	15, // 46: ferry.v1.Ferry.Logs:output_type -> ferry.v1.LogChunk
+	17, // 47: ferry.v1.Ferry.Events:output_type -> ferry.v1.Event
+	21, // 48: ferry.v1.Ferry.Node:output_type -> ferry.v1.NodeReport
+	23, // 49: ferry.v1.Ferry.Migrate:output_type -> ferry.v1.Migration
+	23, // 50: ferry.v1.Ferry.GetMigration:output_type -> ferry.v1.Migration
+	28, // 51: ferry.v1.Ferry.ListMigrations:output_type -> ferry.v1.ListMigrationsResponse
+	23, // 52: ferry.v1.Ferry.CancelMigration:output_type -> ferry.v1.Migration
+	30, // 53: ferry.v1.Ferry.PrepareIncoming:output_type -> ferry.v1.PrepareIncomingResponse
+	32, // 54: ferry.v1.Ferry.SendImages:output_type -> ferry.v1.SendImagesResponse
+	34, // 55: ferry.v1.Ferry.RestoreIncoming:output_type -> ferry.v1.RestoreIncomingResponse
+	36, // 56: ferry.v1.Ferry.AbortIncoming:output_type -> ferry.v1.AbortIncomingResponse
+	37, // 57: ferry.v1.Ferry.PageTunnel:output_type -> ferry.v1.TunnelChunk
+	39, // 58: ferry.v1.Ferry.CompleteIncoming:output_type -> ferry.v1.CompleteIncomingResponse
+	39, // [39:59] is the sub-list for method output_type
+	19, // [19:39] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_ferry_proto_init() }
@@ -3161,7 +3302,7 @@ func file_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_proto_rawDesc), len(file_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   42,
+			NumMessages:   43,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

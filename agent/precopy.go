@@ -1,0 +1,287 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/opencontainers/runc/libcontainer"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/ferry-agent/ferry/agent/api"
+	"github.com/ferry-agent/ferry/agent/client"
+	"github.com/ferry-agent/ferry/internal/privnet"
+	"github.com/ferry-agent/ferry/migrate"
+)
+
+// Pre-copy runs rounds of CRIU pre-dump while the container runs; each
+// sends the pages dirtied since the round before (soft-dirty tracking) to
+// a `criu page-server` on the peer, which keeps each round in a directory
+// whose parent is the round before. The final dump, frozen, sends what is
+// left, with the last round as its parent; the restore on the peer reads
+// through the chain. The page traffic takes the same path as post-copy's,
+// the other way round:
+//
+//	source: CRIU pre-dump/dump --page-server 127.0.0.1:lazyPort, in a
+//	        private namespace -> ferryd's listener there
+//	   ===== PageTunnel (metadata: the image directory and its parent) =====
+//	dest:   criu page-server --images-dir DIR --prev-images-dir ../PARENT
+//	        on 127.0.0.1:lazyPort of its private namespace <- ferryd dials
+//
+// The directories mirror each other under the migration's directory on
+// both nodes (pre-1, pre-2, ..., images), so CRIU's relative parent links
+// hold on both.
+
+// gRPC metadata of a pre-copy page tunnel.
+const (
+	PageDirKey    = "ferry-page-dir"
+	PageParentKey = "ferry-page-parent"
+)
+
+// pageDirRE is what a source may name as a page directory: nothing that
+// could leave the migration's directory.
+var pageDirRE = regexp.MustCompile(`^(images|pre-[0-9]{1,3})$`)
+
+// pageSender is the source's end of pre-copy's page traffic.
+type pageSender struct {
+	ns   *privnet.NS
+	ln   *net.TCPListener
+	peer *client.Client
+	id   string
+	pace *pacer
+	sent atomic.Int64
+}
+
+func newPageSender(peer *client.Client, id string, pace *pacer) (*pageSender, error) {
+	ns, err := privnet.New()
+	if err != nil {
+		return nil, err
+	}
+	ln, err := ns.Listen(lazyAddr)
+	if err != nil {
+		_ = ns.Close()
+		return nil, fmt.Errorf("page listener: %w", err)
+	}
+	return &pageSender{ns: ns, ln: ln, peer: peer, id: id, pace: pace}, nil
+}
+
+func (s *pageSender) close() {
+	_ = s.ln.Close()
+	_ = s.ns.Close()
+}
+
+// dump runs one CRIU dump or pre-dump (opts) into images, its pages going
+// to the peer's page server for the directory of the same name, parent the
+// sibling directory parent (or none). It returns the page bytes sent and
+// the time the dump took.
+func (s *pageSender) dump(ctx context.Context, lc *libcontainer.Container, images, work, parent string, opts libcontainer.CriuOpts) (int64, time.Duration, error) {
+	opts.ImagesDirectory, opts.WorkDirectory = images, work
+	opts.PageServer = libcontainer.CriuPageServerInfo{Address: "127.0.0.1", Port: lazyPort}
+	if parent != "" {
+		opts.ParentImage = "../" + parent
+	}
+	start := time.Now()
+	before := s.sent.Load()
+	done := make(chan error, 1)
+	go func() {
+		// CRIU (criu swrk) starts on the namespace's thread and connects
+		// to ferryd's listener there.
+		done <- s.ns.Do(func() error { return lc.Checkpoint(&opts) })
+	}()
+	conn, err := acceptOr(s.ln, done)
+	if err != nil {
+		return 0, time.Since(start), fmt.Errorf("%w%s", err, criuLogTail(filepath.Join(work, logName(opts))))
+	}
+	tctx := metadata.AppendToOutgoingContext(ctx, PageDirKey, filepath.Base(images), PageParentKey, parent)
+	tunnel, err := openTunnelStream(tctx, s.peer.FerryClient, s.id, conn, s.pace, &s.sent)
+	if err != nil {
+		_ = conn.Close()
+		cerr := <-done // CRIU fails without its page server
+		return 0, time.Since(start), errors.Join(fmt.Errorf("page tunnel: %w", err), cerr)
+	}
+	cerr := <-done
+	var terr error
+	select {
+	case terr = <-tunnel:
+	case <-time.After(time.Minute):
+		terr = errors.New("the page tunnel did not end a minute after CRIU")
+	}
+	if cerr != nil {
+		cerr = fmt.Errorf("%w%s", cerr, criuLogTail(filepath.Join(work, logName(opts))))
+	}
+	return s.sent.Load() - before, time.Since(start), errors.Join(cerr, terr)
+}
+
+func logName(opts libcontainer.CriuOpts) string {
+	if opts.PreDump {
+		return "predump.log"
+	}
+	return "dump.log"
+}
+
+// acceptOr accepts one connection on ln, or returns when done (CRIU's end)
+// comes first.
+func acceptOr(ln *net.TCPListener, done chan error) (net.Conn, error) {
+	type res struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan res, 1)
+	go func() {
+		c, err := ln.Accept()
+		ch <- res{c, err}
+	}()
+	select {
+	case r := <-ch:
+		return r.c, r.err
+	case err := <-done:
+		done <- err
+		_ = ln.SetDeadline(time.Now())
+		if r := <-ch; r.c != nil {
+			_ = r.c.Close()
+		}
+		_ = ln.SetDeadline(time.Time{})
+		if err == nil {
+			err = errors.New("CRIU ended without connecting to the page server")
+		}
+		return nil, err
+	}
+}
+
+// preCopy runs pre-dump rounds until the convergence rule stops them and
+// returns the last round's directory, the final dump's parent.
+func (a *Agent) preCopy(ctx context.Context, s *pageSender, lc *libcontainer.Container, work string, req *api.MigrateRequest,
+	m *api.Migration, report func(string)) (string, error) {
+	opts := migrate.Options{DowntimeTarget: time.Duration(req.GetMaxDowntimeMs()) * time.Millisecond,
+		MaxRounds: int(req.GetMaxRounds()), BandwidthCap: float64(req.GetBandwidthBytesPerSecond())}
+	var rounds []migrate.Round
+	parent := ""
+	for i := 1; ; i++ {
+		if err := context.Cause(ctx); err != nil {
+			return "", err
+		}
+		dir := fmt.Sprintf("pre-%d", i)
+		images := filepath.Join(work, dir)
+		started := time.Now()
+		bytes, took, err := s.dump(ctx, lc, images, images+"-work", parent, libcontainer.CriuOpts{PreDump: true})
+		if err != nil {
+			return "", fmt.Errorf("round %d: %w", i, err)
+		}
+		st, err := migrate.ReadDumpStats(images + "-work")
+		if err != nil {
+			return "", fmt.Errorf("round %d: %w", i, err)
+		}
+		rounds = append(rounds, st.Round(started, bytes, took))
+		d := migrate.Decide(rounds, opts)
+		pr := &api.PrecopyRound{Round: int32(i), PagesWritten: int64(st.PagesWritten), PagesSkippedParent: int64(st.PagesSkippedParent),
+			FrozenMs: st.FrozenTime.Milliseconds(), Bytes: bytes, Ms: took.Milliseconds(), Decision: d.Reason}
+		if d.PredictedDowntime != migrate.UnknownDowntime {
+			pr.PredictedDowntimeMs = d.PredictedDowntime.Milliseconds()
+			m.PredictedDowntimeMs = pr.PredictedDowntimeMs
+		}
+		m.Rounds, m.BytesSent = int32(i), m.BytesSent+bytes
+		m.PrecopyRounds = append(m.PrecopyRounds, proto.Clone(pr).(*api.PrecopyRound))
+		a.log.Info("pre-copy round", "migration", m.Id, "container", m.Container, "round", i, "decision", d.String(),
+			"pages_written", st.PagesWritten, "pages_skipped_parent", st.PagesSkippedParent)
+		report("precopy")
+		parent = dir
+		if d.Stop {
+			return dir, nil
+		}
+	}
+}
+
+// The destination's half.
+
+// servePages is the destination's end of a pre-copy page tunnel: a `criu
+// page-server` for the directory the source named, fed through the stream.
+func (a *Agent) servePages(ctx context.Context, in *incoming, recv func() (*api.TunnelChunk, error), send func(*api.TunnelChunk) error) error {
+	md, _ := metadata.FromIncomingContext(ctx)
+	get := func(k string) string {
+		if v := md.Get(k); len(v) > 0 {
+			return v[0]
+		}
+		return ""
+	}
+	dir, parent := get(PageDirKey), get(PageParentKey)
+	if !pageDirRE.MatchString(dir) {
+		return fmt.Errorf("page directory %q: want images or pre-N: %w", dir, ErrInvalidArgument)
+	}
+	if parent != "" && (!pageDirRE.MatchString(parent) || parent == "images" || parent == dir) {
+		return fmt.Errorf("page parent %q: want pre-N other than %q: %w", parent, dir, ErrInvalidArgument)
+	}
+	base := filepath.Dir(in.images)
+	images := filepath.Join(base, dir)
+	work := images + "-work"
+	for _, d := range []string{images, work} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return err
+		}
+	}
+	args := []string{"page-server", "--images-dir", images, "--work-dir", work, "--address", "127.0.0.1",
+		"--port", strconv.Itoa(lazyPort), "--log-file", "page-server.log", "-v2"}
+	if parent != "" {
+		if _, err := os.Stat(filepath.Join(base, parent)); err != nil {
+			return fmt.Errorf("page parent %q: %w: %w", parent, err, ErrInvalidArgument)
+		}
+		args = append(args, "--prev-images-dir", "../"+parent)
+	}
+	cmd := exec.Command(a.criuPath(), args...)
+	if err := in.pageNS.Start(cmd); err != nil {
+		return fmt.Errorf("start criu page-server: %w", err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	logTail := func() string { return criuLogTail(filepath.Join(work, "page-server.log")) }
+	// The page server takes one connection: the first dial that succeeds
+	// is the one the tunnel uses.
+	var conn net.Conn
+	deadline := time.Now().Add(30 * time.Second)
+	for conn == nil {
+		select {
+		case err := <-exited:
+			return fmt.Errorf("criu page-server ended before it listened: %w%s", err, logTail())
+		default:
+		}
+		dctx, cancel := context.WithTimeout(ctx, time.Second)
+		c, err := in.pageNS.Dial(dctx, lazyAddr)
+		cancel()
+		if err == nil {
+			conn = c
+			break
+		}
+		if time.Now().After(deadline) {
+			_ = cmd.Process.Kill()
+			return fmt.Errorf("criu page-server did not listen within 30s (%w)%s", <-exited, logTail())
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	in.touch()
+	perr := pump(conn, send, func() (*api.TunnelChunk, error) {
+		ch, err := recv()
+		if err == nil {
+			in.touch()
+		}
+		return ch, err
+	}, nil, nil)
+	var werr error
+	select {
+	case werr = <-exited:
+	case <-time.After(time.Minute):
+		_ = cmd.Process.Kill()
+		werr = fmt.Errorf("did not end a minute after its connection: %w", <-exited)
+	}
+	if werr != nil {
+		werr = fmt.Errorf("criu page-server for %s: %w%s", dir, werr, logTail())
+	}
+	return errors.Join(perr, werr)
+}
