@@ -229,9 +229,14 @@ func (d *daemon) stop() {
 	d.cmd = nil
 }
 
-// ctl runs ferryctl against this daemon.
+// ctl runs ferryctl against this daemon (for at most a minute).
 func (d *daemon) ctl(args ...string) (stdout, stderr string, code int) {
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	return d.ctlWithin(time.Minute, args...)
+}
+
+// ctlWithin is ctl with another time limit.
+func (d *daemon) ctlWithin(limit time.Duration, args ...string) (stdout, stderr string, code int) {
+	ctx, cancel := context.WithTimeout(context.Background(), limit)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, filepath.Join(binDir, "ferryctl"), append([]string{"--socket", d.socket}, args...)...)
 	var o, e bytes.Buffer

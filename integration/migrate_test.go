@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/ferry-agent/ferry/internal/pki"
+	"github.com/ferry-agent/ferry/internal/testenv"
 )
 
 // migrationPair is two test hosts on one segment, each a network namespace
@@ -164,6 +165,100 @@ func TestMigratePostCopy(t *testing.T) {
 	}
 }
 
+// TestVMMigratePreCopy (the VM tier: it needs soft-dirty) is the story in
+// pre-copy: pre-dump rounds while the container runs, then a short freeze.
+// The workload writes a 2 MiB random blob once and otherwise dirties little
+// (counters), and sums the blob when asked (a file made by ferryctl exec),
+// so the rounds see a low dirty rate. With a 1 ms target no round's
+// prediction fits, so the rounds go on while they shrink, up to
+// --max-rounds 3: at least two run, the second writes fewer pages than the
+// first and skips pages of it, and the final dump leaves pages to its
+// parents (pages_skipped_parent > 0: not a silent full dump). Afterwards
+// one copy runs, on B, with its address, its TCP connection, its counter
+// and its blob intact.
+func TestVMMigratePreCopy(t *testing.T) {
+	if out, err := exec.Command("criu", "check", "--feature", "mem_dirty_track").CombinedOutput(); err != nil {
+		testenv.Unavailable(t, "no soft-dirty memory tracking on this kernel (criu check --feature mem_dirty_track: "+strings.TrimSpace(string(out))+"); this test runs in the VM tier")
+	}
+	const workload = `(x=$(head -c 2097152 /dev/urandom | base64); echo "sum $(echo "$x" | md5sum)"
+while true; do sleep 1; if [ -e /sum-now ]; then rm -f /sum-now; echo "sum $(echo "$x" | md5sum)"; fi; done) &
+` + server
+	p := newMigrationPair(t)
+	p.a.mustCtl("run", "srv", "--mem-guarantee", "32M", "--mem-limit", "128M", "--cpu-guarantee", "0.25", "--cpu-limit", "1",
+		"--", "sh", "-c", workload)
+	before := p.a.inspect("srv")
+	sum := ""
+	for deadline := time.Now().Add(90 * time.Second); sum == ""; time.Sleep(200 * time.Millisecond) {
+		if sum = lastSum(t, p.a, "srv"); sum == "" && time.Now().After(deadline) {
+			t.Fatal("no checksum within 90s")
+		}
+	}
+	conn := p.connect(t, before.IP, 9000)
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		if l, _ := conn.snapshot(); len(ticks(l)) >= 5 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("client received no ticks before the migration")
+		}
+	}
+	countBefore := lastCount(t, p.a, "srv")
+
+	out, errOut, code := p.a.ctlWithin(10*time.Minute, "migrate", "srv", "--to", p.addrB, "--mode", "precopy",
+		"--max-downtime", "1ms", "--max-rounds", "3")
+	if code != 0 {
+		t.Fatalf("migrate: exit %d\n%s%s", code, out, errOut)
+	}
+	t.Logf("ferryctl migrate:\n%s", out)
+	rec := lastMigration(t, p.a)
+	if rec.State != "succeeded" || rec.Mode != "precopy" {
+		t.Fatalf("migration: %+v", rec)
+	}
+	r := rec.PrecopyRounds
+	if len(r) < 2 {
+		t.Fatalf("%d pre-copy rounds, want at least 2", len(r))
+	}
+	if r[1].PagesWritten >= r[0].PagesWritten {
+		t.Errorf("round 2 wrote %d pages, round 1 %d: not shrinking at a low dirty rate", r[1].PagesWritten, r[0].PagesWritten)
+	}
+	if r[1].PagesSkippedParent == 0 {
+		t.Errorf("round 2 skipped no pages of round 1: its parent was not used")
+	}
+	if rec.FinalPagesSkippedParent == 0 {
+		t.Errorf("the final dump left no pages to its parents: a full dump")
+	}
+
+	// One copy, on B, with its address, counter, connection and blob.
+	if _, errOut, _ := p.a.ctl("inspect", "srv"); grpcCode(errOut) != "NotFound" {
+		t.Errorf("A still knows srv: %q", errOut)
+	}
+	after := p.b.inspect("srv")
+	if after.State != "running" || after.IP != before.IP {
+		t.Fatalf("on B: %+v", after)
+	}
+	waitCountAbove(t, p.b, "srv", countBefore, 30*time.Second)
+	n0 := len(ticks(func() []string { l, _ := conn.snapshot(); return l }()))
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		l, _ := conn.snapshot()
+		if tk := ticks(l); len(tk) >= n0+10 {
+			for i := 1; i < len(tk); i++ {
+				if tk[i] != tk[i-1]+1 {
+					t.Fatalf("ticks out of sequence: %d after %d", tk[i], tk[i-1])
+				}
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the TCP connection carried no data after the migration")
+		}
+	}
+	p.b.mustCtl("exec", "srv", "--", "touch", "/sum-now")
+	waitSumsAfter(t, p.b, "srv", sum, 1)
+	p.a.assertNoTrace(t, "srv")
+	p.b.mustCtl("rm", "-f", "srv")
+	p.b.assertNoTrace(t, "srv")
+}
+
 // TestMigratePostCopyNeedsPipes: with fs.pipe-max-size below what CRIU's
 // lazy page pipes need and no CAP_SYS_RESOURCE, post-copy is refused with
 // the reason and the fix, before anything changes; auto does not pick it.
@@ -184,7 +279,7 @@ func TestMigratePostCopyNeedsPipes(t *testing.T) {
 
 // migrateLive runs the live-migration story in one mode and returns A's
 // record of the migration.
-func migrateLive(t *testing.T, p *migrationPair, mode string) migrationRecord {
+func migrateLive(t *testing.T, p *migrationPair, mode string, flags ...string) migrationRecord {
 	t.Helper()
 	p.a.mustCtl("run", "srv", "--mem-guarantee", "32M", "--mem-limit", "128M", "--cpu-guarantee", "0.25", "--cpu-limit", "1",
 		"--", "sh", "-c", blobServer)
@@ -203,13 +298,13 @@ func migrateLive(t *testing.T, p *migrationPair, mode string) migrationRecord {
 	}
 	countBefore := lastCount(t, p.a, "srv")
 	sumBefore := ""
-	for deadline := time.Now().Add(20 * time.Second); sumBefore == ""; time.Sleep(100 * time.Millisecond) {
+	for deadline := time.Now().Add(90 * time.Second); sumBefore == ""; time.Sleep(100 * time.Millisecond) {
 		if sumBefore = lastSum(t, p.a, "srv"); sumBefore == "" && time.Now().After(deadline) {
-			t.Fatal("the container reported no checksum of its blob within 20s")
+			t.Fatal("the container reported no checksum of its blob within 90s")
 		}
 	}
 
-	out, errOut, code := p.a.ctl("migrate", "srv", "--to", p.addrB, "--mode", mode)
+	out, errOut, code := p.a.ctl(append([]string{"migrate", "srv", "--to", p.addrB, "--mode", mode}, flags...)...)
 	if code != 0 {
 		t.Fatalf("migrate: exit %d\n%s%s", code, out, errOut)
 	}
@@ -730,6 +825,12 @@ type migrationRecord struct {
 	BytesSent     int64  `json:"bytes_sent"`
 	PostcopyMs    int64  `json:"postcopy_ms"`
 	PostcopyBytes int64  `json:"postcopy_bytes"`
+	PrecopyRounds []struct {
+		PagesWritten       int64  `json:"pages_written"`
+		PagesSkippedParent int64  `json:"pages_skipped_parent"`
+		Decision           string `json:"decision"`
+	} `json:"precopy_rounds"`
+	FinalPagesSkippedParent int64 `json:"final_pages_skipped_parent"`
 }
 
 func lastMigration(t *testing.T, d *daemon) migrationRecord {

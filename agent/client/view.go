@@ -146,29 +146,32 @@ func NodeView(r *api.NodeReport) NodeReportView {
 
 // MigrationJSON is the stable JSON form of a migration (ferryctl migrations -o json).
 type MigrationJSON struct {
-	ID                  string `json:"id"`
-	Container           string `json:"container"`
-	Peer                string `json:"peer"`
-	PeerNode            string `json:"peer_node"`
-	Mode                string `json:"mode"`
-	ModeReason          string `json:"mode_reason"`
-	Phase               string `json:"phase"`
-	State               string `json:"state"`
-	Error               string `json:"error"`
-	Rounds              int32  `json:"rounds"`
-	BytesSent           int64  `json:"bytes_sent"`
-	TotalMs             int64  `json:"total_ms"`
-	FrozenMs            int64  `json:"frozen_ms"`
-	DumpMs              int64  `json:"dump_ms"`
-	TransferMs          int64  `json:"transfer_ms"`
-	RestoreMs           int64  `json:"restore_ms"`
-	CriuFrozenMs        int64  `json:"criu_frozen_ms"`
-	PagesWritten        int64  `json:"pages_written"`
-	PredictedDowntimeMs int64  `json:"predicted_downtime_ms"`
-	PostcopyMs          int64  `json:"postcopy_ms"`
-	PostcopyBytes       int64  `json:"postcopy_bytes"`
-	StartedAt           string `json:"started_at"`
-	FinishedAt          string `json:"finished_at"`
+	ID                      string             `json:"id"`
+	Container               string             `json:"container"`
+	Peer                    string             `json:"peer"`
+	PeerNode                string             `json:"peer_node"`
+	Mode                    string             `json:"mode"`
+	ModeReason              string             `json:"mode_reason"`
+	Phase                   string             `json:"phase"`
+	State                   string             `json:"state"`
+	Error                   string             `json:"error"`
+	Rounds                  int32              `json:"rounds"`
+	BytesSent               int64              `json:"bytes_sent"`
+	TotalMs                 int64              `json:"total_ms"`
+	FrozenMs                int64              `json:"frozen_ms"`
+	DumpMs                  int64              `json:"dump_ms"`
+	TransferMs              int64              `json:"transfer_ms"`
+	RestoreMs               int64              `json:"restore_ms"`
+	CriuFrozenMs            int64              `json:"criu_frozen_ms"`
+	PagesWritten            int64              `json:"pages_written"`
+	PredictedDowntimeMs     int64              `json:"predicted_downtime_ms"`
+	PostcopyMs              int64              `json:"postcopy_ms"`
+	PostcopyBytes           int64              `json:"postcopy_bytes"`
+	PrecopyRounds           []PrecopyRoundJSON `json:"precopy_rounds"`
+	FinalPagesWritten       int64              `json:"final_pages_written"`
+	FinalPagesSkippedParent int64              `json:"final_pages_skipped_parent"`
+	StartedAt               string             `json:"started_at"`
+	FinishedAt              string             `json:"finished_at"`
 }
 
 // MigrationView converts an API migration to its JSON form.
@@ -178,6 +181,28 @@ func MigrationView(m *api.Migration) MigrationJSON {
 		Rounds: m.GetRounds(), BytesSent: m.GetBytesSent(), TotalMs: m.GetTotalMs(), FrozenMs: m.GetFrozenMs(),
 		DumpMs: m.GetDumpMs(), TransferMs: m.GetTransferMs(), RestoreMs: m.GetRestoreMs(), CriuFrozenMs: m.GetCriuFrozenMs(),
 		PagesWritten: m.GetPagesWritten(), PredictedDowntimeMs: m.GetPredictedDowntimeMs(),
-		PostcopyMs: m.GetPostcopyMs(), PostcopyBytes: m.GetPostcopyBytes(),
+		PostcopyMs: m.GetPostcopyMs(), PostcopyBytes: m.GetPostcopyBytes(), PrecopyRounds: precopyRounds(m.GetPrecopyRounds()),
+		FinalPagesWritten: m.GetFinalPagesWritten(), FinalPagesSkippedParent: m.GetFinalPagesSkippedParent(),
 		StartedAt: m.GetStartedAt(), FinishedAt: m.GetFinishedAt()}
+}
+
+// PrecopyRoundJSON is one pre-copy round in a migration's JSON form.
+type PrecopyRoundJSON struct {
+	Round               int32  `json:"round"`
+	PagesWritten        int64  `json:"pages_written"`
+	PagesSkippedParent  int64  `json:"pages_skipped_parent"`
+	FrozenMs            int64  `json:"frozen_ms"`
+	Bytes               int64  `json:"bytes"`
+	Ms                  int64  `json:"ms"`
+	Decision            string `json:"decision"`
+	PredictedDowntimeMs int64  `json:"predicted_downtime_ms"`
+}
+
+func precopyRounds(rs []*api.PrecopyRound) []PrecopyRoundJSON {
+	out := make([]PrecopyRoundJSON, 0, len(rs))
+	for _, r := range rs {
+		out = append(out, PrecopyRoundJSON{Round: r.GetRound(), PagesWritten: r.GetPagesWritten(), PagesSkippedParent: r.GetPagesSkippedParent(),
+			FrozenMs: r.GetFrozenMs(), Bytes: r.GetBytes(), Ms: r.GetMs(), Decision: r.GetDecision(), PredictedDowntimeMs: r.GetPredictedDowntimeMs()})
+	}
+	return out
 }

@@ -578,9 +578,13 @@ Modes:
             node's frozen copy, through a tunnel inside the same channel. This copy
             is deleted only once the peer has every page. Needs userfaultfd and, without
             CAP_SYS_RESOURCE, fs.pipe-max-size >= 4 MiB on both nodes.
-  precopy   pre-dump rounds while the container runs (needs soft-dirty; not built yet).
-  auto      (default) stopcopy when its predicted downtime fits --max-downtime, else
-            postcopy where both nodes can; it says which it ran and why.
+  precopy   pre-dump rounds while the container runs, each sending the pages dirtied
+            since the one before, until the predicted final downtime fits
+            --max-downtime, the rounds stop shrinking, or --max-rounds; then a short
+            freeze for the rest. Needs soft-dirty memory tracking on this kernel.
+  auto      (default) precopy where this kernel tracks dirty memory; else stopcopy
+            when its predicted downtime fits --max-downtime, else postcopy where both
+            nodes can; it says which it ran and why.
 The progress is printed per phase, then a summary. Interrupting ferryctl before the
 freeze cancels the migration; afterwards the migration runs to its end on the agent.`,
 		Example: "  ferryctl migrate web --to 10.0.0.2:7443",
@@ -656,6 +660,13 @@ func printMigrationSummary(m *api.Migration) {
 	fmt.Printf("  rounds:     %d\n  bytes:      %s\n", m.Rounds, humanBytes(float64(m.BytesSent)))
 	fmt.Printf("  total:      %d ms\n  downtime:   %d ms (frozen; CRIU's own frozen time %d ms)\n", m.TotalMs, m.FrozenMs, m.CriuFrozenMs)
 	fmt.Printf("  dump:       %d ms\n  transfer:   %d ms\n  restore:    %d ms\n", m.DumpMs, m.TransferMs, m.RestoreMs)
+	for _, r := range m.PrecopyRounds {
+		fmt.Printf("  round %d:    %d pages written, %d left to the round before, frozen %d ms, %s in %d ms: %s (predicted downtime %d ms)\n",
+			r.Round, r.PagesWritten, r.PagesSkippedParent, r.FrozenMs, humanBytes(float64(r.Bytes)), r.Ms, r.Decision, r.PredictedDowntimeMs)
+	}
+	if m.Mode == "precopy" {
+		fmt.Printf("  final dump: %d pages written, %d left to the rounds before\n", m.FinalPagesWritten, m.FinalPagesSkippedParent)
+	}
 	if m.Mode == "postcopy" {
 		fmt.Printf("  post-copy:  %d ms after the restore until the last page was in (%s of pages)\n", m.PostcopyMs, humanBytes(float64(m.PostcopyBytes)))
 	}
