@@ -11,7 +11,7 @@ export PATH := $(TOOLS):$(PATH)
 # Integration tests share the host's cgroups and mounts: one package at a time.
 TESTFLAGS   ?=
 
-.PHONY: help deps build generate test test-unit test-integration test-vm demo bench fuzz lint clean
+.PHONY: help deps build generate test test-unit test-integration test-vm demo bench bench-vm fuzz lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -19,11 +19,12 @@ help: ## list the targets
 deps: ## install everything the build, demo and tests need (Debian + Go module proxy; idempotent)
 	@bash scripts/deps.sh
 
-build: ## build bin/ferryd and bin/ferryctl (and, for the fault tests only, bin/failpoints/ferryd)
+build: ## build bin/ferryd and bin/ferryctl (and for the tests: bin/failpoints/ferryd, the benchmarks' static bin/hog)
 	@mkdir -p $(BIN)/failpoints
 	$(GO) build -tags "$(TAGS)" -ldflags "$(LDFLAGS)" -o $(BIN)/ferryd ./cmd/ferryd
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ferryctl ./cmd/ferryctl
 	$(GO) build -tags "$(TAGS) failpoints" -ldflags "$(LDFLAGS)" -o $(BIN)/failpoints/ferryd ./cmd/ferryd
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w" -o $(BIN)/hog ./integration/hog
 
 generate: deps ## regenerate agent/api from ferry.proto with the pinned protoc plugins
 	protoc -I agent/api --go_out=agent/api --go_opt=paths=source_relative \
@@ -49,9 +50,12 @@ demo: deps build ## the main job: two hosts, a counting container with a TCP cli
 	@bash scripts/demo.sh $(CURDIR)/$(BIN)
 
 bench: deps build ## benchmarks: start/remove against the runc CLI, RSS, harden latency, sysctl guard overhead
-	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m -v ./integration/
+	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench . -skip '^BenchmarkVM' -benchtime 1x -timeout 30m -v ./integration/
 	$(GO) test -run '^$$' -bench HardenLatency -benchtime 1x -timeout 10m -v ./cgroup/
 	$(GO) test -run '^$$' -bench GuardOverhead -benchtime 3x -timeout 10m -v ./sysctlguard/
+
+bench-vm: deps build ## pre-copy against stop-and-copy downtime inside the VM (256 MiB, W = 0 and 16 MiB/s; slow: software emulation)
+	bash scripts/vm/run.sh --bin $(CURDIR)/$(BIN) --timeout 5400 --test-pkg ./integration --run '^$$' --bench '^BenchmarkVMPreCopy$$' $(VM_FLAGS)
 
 GOLANGCI    := github.com/golangci/golangci-lint/v2/cmd/golangci-lint@v2.15.0
 

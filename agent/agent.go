@@ -142,6 +142,7 @@ type Agent struct {
 
 	criuVersion string
 	checks      criuChecks
+	rootfs      rootfsDigests
 	watchers    sync.WaitGroup
 	done        chan struct{}
 	events      *eventBus

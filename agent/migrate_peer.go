@@ -102,6 +102,20 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingReq
 	if err := NormalizeSpec(&spec, a.cfg.DefaultRootfs, a.policy); err != nil {
 		return nil, err
 	}
+	if d := req.GetRootfsDigest(); d != "" {
+		local, err := a.rootfs.digest(spec.Rootfs)
+		if err != nil {
+			return nil, fmt.Errorf("rootfs %s: not usable here: %w: %w", spec.Rootfs, err, ErrFailedPrecondition)
+		}
+		if local != d {
+			return nil, fmt.Errorf("rootfs %s: differs from the source's (%s here, %s there): %w", spec.Rootfs, local, d, ErrFailedPrecondition)
+		}
+	}
+	if img := req.GetCpuinfo(); len(img) > 0 {
+		if err := a.cpuinfoCheck(img); err != nil {
+			return nil, fmt.Errorf("CPU: CRIU cannot restore here what the source's CPU ran: %w: %w", err, ErrFailedPrecondition)
+		}
+	}
 	if spec.IP != "" && a.net == nil {
 		return nil, fmt.Errorf("container %q: keeps address %s, but networking is off on this node: %w", spec.Name, spec.IP, ErrFailedPrecondition)
 	}

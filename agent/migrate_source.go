@@ -374,10 +374,19 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 	if err != nil {
 		return nil, err
 	}
+	digest, err := a.rootfs.digest(spec.Rootfs)
+	if err != nil {
+		return nil, fmt.Errorf("container %q: %w", c.name, err)
+	}
+	cpuinfo, err := a.cpuinfoDump()
+	if err != nil {
+		return nil, fmt.Errorf("describe this CPU for the peer: %w", err)
+	}
 	report("prepare")
 	pctx, pcancel := context.WithTimeout(ctx, 60*time.Second)
 	_, err = peer.PrepareIncoming(pctx, &api.PrepareIncomingRequest{MigrationId: id, SourceNode: a.cfg.NodeName,
-		AgentVersion: a.cfg.Version, CriuVersion: a.criuVersion, CgroupMode: cgroup.Mode(), SpecJson: specJSON, Mode: mode})
+		AgentVersion: a.cfg.Version, CriuVersion: a.criuVersion, CgroupMode: cgroup.Mode(), SpecJson: specJSON, Mode: mode,
+		RootfsDigest: digest, Cpuinfo: cpuinfo})
 	pcancel()
 	if err != nil {
 		if cause := context.Cause(ctx); errors.Is(cause, ErrCanceled) {

@@ -57,7 +57,7 @@ var cgroupSeq atomic.Int64
 // daemon is one ferryd under test with its own root, run dir, socket and
 // cgroup parent.
 type daemon struct {
-	t        *testing.T
+	t        testing.TB
 	name     string
 	root     string
 	runDir   string
@@ -76,7 +76,7 @@ type daemon struct {
 }
 
 // requireHost checks what every integration test needs.
-func requireHost(t *testing.T) {
+func requireHost(t testing.TB) {
 	t.Helper()
 	testenv.RequireRoot(t)
 	testenv.RequirePath(t, defaultRootfs+"/bin/busybox", "default rootfs missing (run make deps)")
@@ -88,7 +88,7 @@ func requireHost(t *testing.T) {
 
 // requireV1 is for tests that read v1 cgroup files; on a v2 host (the VM
 // tier) they are not run by name, and fail rather than skip under CI.
-func requireV1(t *testing.T) {
+func requireV1(t testing.TB) {
 	t.Helper()
 	testenv.RequirePath(t, "/sys/fs/cgroup/memory", "reads cgroup v1 files (the elastic and lifecycle tests on v2 are still to write)")
 }
@@ -97,7 +97,7 @@ func requireV1(t *testing.T) {
 // its own (its bridge and containers' veths live there, never in the
 // machine's namespace) and registers cleanup of everything it and its
 // containers may leave on the host.
-func newDaemon(t *testing.T, name string, extra ...string) *daemon {
+func newDaemon(t testing.TB, name string, extra ...string) *daemon {
 	t.Helper()
 	d := newDaemonIn(t, name, extra...)
 	d.netns = fmt.Sprintf("ferry-it-%d-%d", os.Getpid(), cgroupSeq.Add(1))
@@ -119,12 +119,12 @@ func newDaemon(t *testing.T, name string, extra ...string) *daemon {
 
 // newHostNetDaemon prepares a ferryd in the machine's network namespace with
 // networking off (--bridge ""), for tests that dial it over loopback.
-func newHostNetDaemon(t *testing.T, name string, extra ...string) *daemon {
+func newHostNetDaemon(t testing.TB, name string, extra ...string) *daemon {
 	t.Helper()
 	return newDaemonIn(t, name, append([]string{"--bridge", ""}, extra...)...)
 }
 
-func newDaemonIn(t *testing.T, name string, extra ...string) *daemon {
+func newDaemonIn(t testing.TB, name string, extra ...string) *daemon {
 	t.Helper()
 	base, err := os.MkdirTemp("", "ferry-it-")
 	if err != nil {
@@ -406,7 +406,7 @@ func mountsUnder(dir string) []string {
 }
 
 // assertNoTrace fails t if anything of container name is left on the host.
-func (d *daemon) assertNoTrace(t *testing.T, name string) {
+func (d *daemon) assertNoTrace(t testing.TB, name string) {
 	t.Helper()
 	for _, h := range hierarchies {
 		p := filepath.Join("/sys/fs/cgroup", h, d.cgParent, name)

@@ -13,7 +13,7 @@ import (
 const counter = `i=0; while true; do i=$((i+1)); echo count $i; sleep 0.1; done`
 
 // lastCount returns the highest "count N" in the container's log.
-func lastCount(t *testing.T, d *daemon, name string) int {
+func lastCount(t testing.TB, d *daemon, name string) int {
 	t.Helper()
 	out := d.mustCtl("logs", name)
 	n := -1
@@ -27,7 +27,7 @@ func lastCount(t *testing.T, d *daemon, name string) int {
 	return n
 }
 
-func waitCountAbove(t *testing.T, d *daemon, name string, n int, within time.Duration) int {
+func waitCountAbove(t testing.TB, d *daemon, name string, n int, within time.Duration) int {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for time.Now().Before(deadline) {
@@ -201,7 +201,7 @@ func TestTwoDaemonsDoNotSeeEachOther(t *testing.T) {
 }
 
 // start2Fails checks a ferryd on a root in use exits with an error naming it.
-func (d *daemon) start2Fails(t *testing.T) {
+func (d *daemon) start2Fails(t testing.TB) {
 	t.Helper()
 	out, err := runCmd(filepath.Join(binDir, "ferryd"), "--root", d.root, "--run-dir", d.runDir, "--socket", d.socket, "--cgroup-parent", d.cgParent, "--bpf-root", d.bpfRoot, "--bridge", "")
 	if err == nil || !strings.Contains(out, "in use by another ferryd") {

@@ -97,79 +97,6 @@ import (
 	"github.com/ferry-agent/ferry/migrate"
 )
 
-// hogSource is the workload; see the comment above.
-const hogSource = `package main
-
-import (
-	"os"
-	"runtime/debug"
-	"strconv"
-	"time"
-)
-
-func main() {
-	if len(os.Args) < 3 {
-		os.Stderr.WriteString("usage: hog MIB DIRTY_MIB_PER_S [LOGFILE]\n")
-		os.Exit(2)
-	}
-	mib, err1 := strconv.Atoi(os.Args[1])
-	dirty, err2 := strconv.Atoi(os.Args[2])
-	if err1 != nil || err2 != nil || mib <= 0 || dirty < 0 {
-		os.Stderr.WriteString("hog: bad arguments\n")
-		os.Exit(2)
-	}
-	out := os.Stdout
-	if len(os.Args) > 3 {
-		f, err := os.OpenFile(os.Args[3], os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-		if err != nil {
-			os.Stderr.WriteString("hog: " + err.Error() + "\n")
-			os.Exit(1)
-		}
-		out = f
-	}
-	debug.SetGCPercent(-1) // the loop allocates nothing; no collector work
-	const page = 4096
-	buf := make([]byte, mib<<20)
-	for i := 0; i < len(buf); i += page {
-		buf[i] = byte(i/page) | 1
-	}
-	const tick = 10 * time.Millisecond
-	perTick := (dirty << 20) / int(time.Second/tick)
-	line := make([]byte, 0, 128)
-	line = append(line, "ready "...)
-	line = strconv.AppendInt(line, time.Now().UnixNano(), 10)
-	line = append(line, '\n')
-	_, _ = out.Write(line)
-	pos := 0
-	last := time.Now()
-	lastWall := last.Round(0) // no monotonic reading: Sub uses the wall clock
-	for seq := int64(1); ; seq++ {
-		time.Sleep(tick)
-		for j := 0; j < perTick; j += page {
-			buf[pos]++
-			pos += page
-			if pos >= len(buf) {
-				pos = 0
-			}
-		}
-		now := time.Now()
-		wall := now.Round(0)
-		gap, mono := wall.Sub(lastWall), now.Sub(last)
-		last, lastWall = now, wall
-		line = append(line[:0], "hb "...)
-		line = strconv.AppendInt(line, seq, 10)
-		line = append(line, ' ')
-		line = strconv.AppendInt(line, now.UnixNano(), 10)
-		line = append(line, ' ')
-		line = strconv.AppendInt(line, int64(gap/time.Microsecond), 10)
-		line = append(line, ' ')
-		line = strconv.AppendInt(line, int64(mono/time.Microsecond), 10)
-		line = append(line, '\n')
-		_, _ = out.Write(line)
-	}
-}
-`
-
 var (
 	migBenchSizes = []int{64, 256, 1024} // N, MiB touched
 	migBenchDirty = []int{0, 16}         // W, MiB/s dirtied
@@ -270,15 +197,16 @@ func waitHeartbeats(tb testing.TB, what string, read func() (string, error), aft
 }
 
 // buildHog compiles the workload into dir.
+// buildHog returns the hog: bin/hog from make build (FERRY_BIN), or one
+// built now from ./hog (the integration directory is the test's working
+// directory).
 func buildHog(tb testing.TB, dir string) string {
 	tb.Helper()
-	src := filepath.Join(dir, "hog.go")
-	if err := os.WriteFile(src, []byte(hogSource), 0o600); err != nil {
-		tb.Fatal(err)
+	if p := filepath.Join(binDir, "hog"); fileExists(p) {
+		return p
 	}
 	bin := filepath.Join(dir, "hog")
-	cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, src)
-	cmd.Dir = dir
+	cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, "./hog")
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=", "GOOS=linux", "GOARCH=amd64")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		tb.Fatalf("go build hog: %v\n%s", err, out)
@@ -286,7 +214,11 @@ func buildHog(tb testing.TB, dir string) string {
 	return bin
 }
 
-// hogRootfs makes a copy of the busybox rootfs with the hog as /hog.
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}
+
 func hogRootfs(tb testing.TB, dir, hog string) string {
 	tb.Helper()
 	if out, err := exec.Command("cp", "-a", defaultRootfs, dir).CombinedOutput(); err != nil {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,7 +15,15 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/ferry-agent/ferry/agent/api"
+	"github.com/ferry-agent/ferry/agent/client"
 	"github.com/ferry-agent/ferry/internal/pki"
+	"github.com/ferry-agent/ferry/internal/privnet"
 	"github.com/ferry-agent/ferry/internal/testenv"
 )
 
@@ -26,9 +35,19 @@ type migrationPair struct {
 	addrA, addrB string
 	client       string
 	wireA        string // A's end of the wire between the hosts
+	ca           *pki.CA
+	pkiDir       string
 }
 
-func newMigrationPair(t *testing.T) *migrationPair {
+func newMigrationPair(t testing.TB) *migrationPair {
+	t.Helper()
+	return newMigrationPairWith(t, true)
+}
+
+// newMigrationPairWith makes the pair; smallB makes B the small node
+// newMigrationPair has (the benchmarks want it as large as A), and extraB
+// adds flags to B's ferryd.
+func newMigrationPairWith(t testing.TB, smallB bool, extraB ...string) *migrationPair {
 	t.Helper()
 	requireHost(t)
 	const subnet = "10.78.0.0/24"
@@ -46,13 +65,16 @@ func newMigrationPair(t *testing.T) *migrationPair {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &migrationPair{addrA: "10.78.0.1:7443", addrB: "10.78.0.64:7443"}
+	p := &migrationPair{addrA: "10.78.0.1:7443", addrB: "10.78.0.64:7443", ca: ca, pkiDir: pkiDir}
 	p.a = newDaemon(t, "host-a", "--subnet", subnet, "--ip-range", "10.78.0.0/26", "--listen", p.addrA, "--tls-dir", dirA,
 		"--pressure-source", "parent")
 	// B is a small node in ferry's accounting (124 MiB allocatable), so a
 	// test can make it refuse a guarantee A admitted.
-	p.b = newDaemon(t, "host-b", "--subnet", subnet, "--ip-range", "10.78.0.64/26", "--listen", p.addrB, "--tls-dir", dirB,
-		"--pressure-source", "parent", "--capacity-memory", "1G", "--reserve-memory", "900M", "--reserve-cpu", "0.1")
+	flagsB := []string{"--subnet", subnet, "--ip-range", "10.78.0.64/26", "--listen", p.addrB, "--tls-dir", dirB, "--pressure-source", "parent"}
+	if smallB {
+		flagsB = append(flagsB, "--capacity-memory", "1G", "--reserve-memory", "900M", "--reserve-cpu", "0.1")
+	}
+	p.b = newDaemon(t, "host-b", append(flagsB, extraB...)...)
 	p.a.start()
 	p.b.start()
 	p.wireA, _ = wire(t, p.a.netns, p.b.netns, "ferry0")
@@ -90,7 +112,7 @@ func (l *lineCollector) snapshot() ([]string, []time.Time) {
 
 // connect opens a TCP connection from the client namespace and collects
 // what the server sends, until the test ends.
-func (p *migrationPair) connect(t *testing.T, ip string, port int) *lineCollector {
+func (p *migrationPair) connect(t testing.TB, ip string, port int) *lineCollector {
 	t.Helper()
 	cmd := exec.Command("nsenter", "--net=/run/netns/"+p.client, busybox, "nc", ip, strconv.Itoa(port))
 	// Keep the client's stdin open: at EOF nc would half-close the
@@ -279,7 +301,7 @@ func TestMigratePostCopyNeedsPipes(t *testing.T) {
 
 // migrateLive runs the live-migration story in one mode and returns A's
 // record of the migration.
-func migrateLive(t *testing.T, p *migrationPair, mode string, flags ...string) migrationRecord {
+func migrateLive(t testing.TB, p *migrationPair, mode string, flags ...string) migrationRecord {
 	t.Helper()
 	p.a.mustCtl("run", "srv", "--mem-guarantee", "32M", "--mem-limit", "128M", "--cpu-guarantee", "0.25", "--cpu-limit", "1",
 		"--", "sh", "-c", blobServer)
@@ -454,7 +476,7 @@ func TestMigrateAutoMode(t *testing.T) {
 }
 
 // lastSum is the latest "sum" line of the container's log.
-func lastSum(t *testing.T, d *daemon, name string) string {
+func lastSum(t testing.TB, d *daemon, name string) string {
 	t.Helper()
 	sums := sumLines(d.mustCtl("logs", name))
 	if len(sums) == 0 {
@@ -475,7 +497,7 @@ func sumLines(log string) []string {
 
 // waitSumsAfter waits for n more sums than there are now and checks each
 // equals want.
-func waitSumsAfter(t *testing.T, d *daemon, name, want string, n int) {
+func waitSumsAfter(t testing.TB, d *daemon, name, want string, n int) {
 	t.Helper()
 	k := len(sumLines(d.mustCtl("logs", name)))
 	deadline := time.Now().Add(20 * time.Second)
@@ -498,9 +520,9 @@ func waitSumsAfter(t *testing.T, d *daemon, name, want string, n int) {
 
 // raisePipeMax lets CRIU's lazy page pipes grow (this machine's root lacks
 // CAP_SYS_RESOURCE) and puts the old value back after the test.
-func raisePipeMax(t *testing.T) { setPipeMax(t, "4194304") }
+func raisePipeMax(t testing.TB) { setPipeMax(t, "4194304") }
 
-func setPipeMax(t *testing.T, v string) {
+func setPipeMax(t testing.TB, v string) {
 	t.Helper()
 	const f = "/proc/sys/fs/pipe-max-size"
 	old, err := os.ReadFile(f)
@@ -519,7 +541,7 @@ func setPipeMax(t *testing.T, v string) {
 
 // assertIntactOnA checks a failed migration left the container running on
 // A where it was: same init, still counting, its address answering.
-func assertIntactOnA(t *testing.T, p *migrationPair, name string, before container) {
+func assertIntactOnA(t testing.TB, p *migrationPair, name string, before container) {
 	t.Helper()
 	c := p.a.inspect(name)
 	if c.State != "running" || c.Pid != before.Pid || c.IP != before.IP {
@@ -534,13 +556,13 @@ func assertIntactOnA(t *testing.T, p *migrationPair, name string, before contain
 	}
 }
 
-func migrateFails(t *testing.T, p *migrationPair, name string, wantInErr ...string) string {
+func migrateFails(t testing.TB, p *migrationPair, name string, wantInErr ...string) string {
 	t.Helper()
 	return migrateFailsWith(t, p, name, nil, wantInErr...)
 }
 
 // migrateFailsWith is migrateFails with more ferryctl migrate flags.
-func migrateFailsWith(t *testing.T, p *migrationPair, name string, flags []string, wantInErr ...string) string {
+func migrateFailsWith(t testing.TB, p *migrationPair, name string, flags []string, wantInErr ...string) string {
 	t.Helper()
 	out, errOut, code := p.a.ctl(append([]string{"migrate", name, "--to", p.addrB}, flags...)...)
 	if code == 0 {
@@ -833,7 +855,7 @@ type migrationRecord struct {
 	FinalPagesSkippedParent int64 `json:"final_pages_skipped_parent"`
 }
 
-func lastMigration(t *testing.T, d *daemon) migrationRecord {
+func lastMigration(t testing.TB, d *daemon) migrationRecord {
 	t.Helper()
 	var ms []migrationRecord
 	if err := json.Unmarshal([]byte(d.mustCtl("migrations", "-o", "json")), &ms); err != nil || len(ms) == 0 {
@@ -857,7 +879,7 @@ func migrateInBackground(p *migrationPair, name string, flags ...string) <-chan 
 }
 
 // waitPhase waits until A's latest migration is running in phase.
-func waitPhase(t *testing.T, d *daemon, phase string, within time.Duration) {
+func waitPhase(t testing.TB, d *daemon, phase string, within time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for {
@@ -873,7 +895,7 @@ func waitPhase(t *testing.T, d *daemon, phase string, within time.Duration) {
 	}
 }
 
-func waitOutput(t *testing.T, done <-chan string, within time.Duration) string {
+func waitOutput(t testing.TB, done <-chan string, within time.Duration) string {
 	t.Helper()
 	select {
 	case out := <-done:
@@ -887,7 +909,7 @@ func waitOutput(t *testing.T, done <-chan string, within time.Duration) string {
 // waitIntactOnA waits for the container to run on A again (a rollback that
 // settles with the peer first) and checks it is the one from before, with
 // its blob intact.
-func waitIntactOnA(t *testing.T, p *migrationPair, name string, before container, sum string, within time.Duration) {
+func waitIntactOnA(t testing.TB, p *migrationPair, name string, before container, sum string, within time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for {
@@ -992,7 +1014,7 @@ func TestMigrateFaultsMidTransfer(t *testing.T) {
 }
 
 // waitNoTrace waits until a daemon has removed every trace of a container.
-func waitNoTrace(t *testing.T, d *daemon, name string, within time.Duration) {
+func waitNoTrace(t testing.TB, d *daemon, name string, within time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for {
@@ -1058,4 +1080,97 @@ func TestMigrateCancel(t *testing.T) {
 	p.b.failpoints = ""
 	p.b.start()
 	p.b.assertNoTrace(t, "srv")
+}
+
+// TestMigratePeerMessages sends B what a peer could, directly over mutual
+// TLS with a valid certificate: a rootfs digest that differs, a CPU
+// description CRIU cannot check, page directories outside the migration
+// (traversal, a parent that is not a round), an image stream for an
+// unknown migration. Each is refused with its code and a message naming
+// what was wrong, and B keeps nothing.
+func TestMigratePeerMessages(t *testing.T) {
+	p := newMigrationPair(t)
+	dirX, err := p.ca.IssueNode(p.pkiDir, "host-x", nil, 0, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// host-x reaches B from A's namespace, where the wire is.
+	f, err := os.Open("/run/netns/" + p.a.netns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns := privnet.FromFile(f)
+	defer func() { _ = ns.Close() }()
+	c, err := client.DialTLSWith(p.addrB, dirX, grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+		return ns.Dial(ctx, addr)
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = c.Close() }()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	spec, _ := json.Marshal(map[string]any{"name": "px", "args": []string{"sleep", "100"}})
+	prep := func(id string, mod func(*api.PrepareIncomingRequest)) error {
+		req := &api.PrepareIncomingRequest{MigrationId: id, SourceNode: "host-x", SpecJson: spec}
+		if mod != nil {
+			mod(req)
+		}
+		_, err := c.PrepareIncoming(ctx, req)
+		return err
+	}
+	want := func(what string, err error, code codes.Code, sub string) {
+		t.Helper()
+		if status.Code(err) != code || !strings.Contains(status.Convert(err).Message(), sub) {
+			t.Errorf("%s: %v, want %s mentioning %q", what, err, code, sub)
+		}
+		p.b.assertNoTrace(t, "px")
+	}
+	want("rootfs digest", prep("m-px-1", func(r *api.PrepareIncomingRequest) { r.RootfsDigest = "sha256:00" }),
+		codes.FailedPrecondition, "differs from the source's")
+	want("cpuinfo", prep("m-px-2", func(r *api.PrepareIncomingRequest) { r.Cpuinfo = []byte("not a CRIU image") }),
+		codes.FailedPrecondition, "criu cpuinfo check")
+	want("mode", prep("m-px-3", func(r *api.PrepareIncomingRequest) { r.Mode = "teleport" }), codes.InvalidArgument, `"teleport"`)
+
+	if err := prep("m-px-4", func(r *api.PrepareIncomingRequest) { r.Mode = "precopy" }); err != nil {
+		t.Fatalf("a valid precopy preparation: %v", err)
+	}
+	tunnel := func(dir, parent string) error {
+		tctx := metadata.AppendToOutgoingContext(ctx, "ferry-migration-id", "m-px-4", "ferry-page-dir", dir, "ferry-page-parent", parent)
+		s, err := c.PageTunnel(tctx)
+		if err != nil {
+			return err
+		}
+		if err := s.Send(&api.TunnelChunk{MigrationId: "m-px-4"}); err != nil {
+			return err
+		}
+		_, err = s.Recv()
+		return err
+	}
+	for _, tc := range []struct{ dir, parent, sub string }{
+		{"../../etc", "", "page directory"},
+		{"pre-1/../../x", "", "page directory"},
+		{"pre-2", "images", "page parent"},
+		{"pre-2", "../pre-1", "page parent"},
+		{"pre-2", "pre-1", "page parent"}, // no such round
+	} {
+		if err := tunnel(tc.dir, tc.parent); status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), tc.sub) {
+			t.Errorf("page tunnel dir %q parent %q: %v, want InvalidArgument about the %s", tc.dir, tc.parent, err, tc.sub)
+		}
+	}
+	s, err := c.SendImages(metadata.AppendToOutgoingContext(ctx, "ferry-migration-id", "m-nosuch"))
+	if err == nil {
+		_ = s.Send(&api.ImageChunk{Part: "images"})
+		_, err = s.CloseAndRecv()
+	}
+	if status.Code(err) != codes.NotFound {
+		t.Errorf("image stream for an unknown migration: %v, want NotFound", err)
+	}
+	if _, err := c.AbortIncoming(ctx, &api.AbortIncomingRequest{MigrationId: "m-px-4", Reason: "test"}); err != nil {
+		t.Fatal(err)
+	}
+	p.b.assertNoTrace(t, "px")
+	if ents, _ := os.ReadDir(filepath.Join(p.b.runDir, "migrations")); len(ents) != 0 {
+		t.Errorf("B's migrations directory keeps %d entries", len(ents))
+	}
 }

@@ -17,14 +17,14 @@ func inNetns(ns string, args ...string) (string, error) {
 	return string(out), err
 }
 
-func mustNetns(t *testing.T, ns string, args ...string) {
+func mustNetns(t testing.TB, ns string, args ...string) {
 	t.Helper()
 	if out, err := inNetns(ns, args...); err != nil {
 		t.Fatalf("in %s: %v: %v\n%s", ns, args, err, out)
 	}
 }
 
-func mustIP(t *testing.T, args ...string) {
+func mustIP(t testing.TB, args ...string) {
 	t.Helper()
 	if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
 		t.Fatalf("ip %v: %v\n%s", args, err, out)
@@ -33,7 +33,7 @@ func mustIP(t *testing.T, args ...string) {
 
 // wire joins the bridges of two test hosts (network namespaces) with a veth
 // pair, making one L2 segment, and returns the pair's names (in A, in B).
-func wire(t *testing.T, nsA, nsB, bridge string) (string, string) {
+func wire(t testing.TB, nsA, nsB, bridge string) (string, string) {
 	t.Helper()
 	a, b := fmt.Sprintf("fwa%d", cgroupSeq.Add(1)), fmt.Sprintf("fwb%d", cgroupSeq.Add(1))
 	mustIP(t, "link", "add", a, "type", "veth", "peer", "name", b)
@@ -46,7 +46,7 @@ func wire(t *testing.T, nsA, nsB, bridge string) (string, string) {
 	return a, b
 }
 
-func waitUp(t *testing.T, ns, link string) {
+func waitUp(t testing.TB, ns, link string) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for time.Now().Before(deadline) {

@@ -2294,8 +2294,15 @@ type PrepareIncomingRequest struct {
 	// The container as the source runs it: its request (with the address
 	// pinned), as JSON of the agent's Spec.
 	SpecJson []byte `protobuf:"bytes,6,opt,name=spec_json,json=specJson,proto3" json:"spec_json,omitempty"`
-	// The mode the source will run: stopcopy or postcopy.
-	Mode          string `protobuf:"bytes,7,opt,name=mode,proto3" json:"mode,omitempty"`
+	// The mode the source will run: stopcopy, precopy or postcopy.
+	Mode string `protobuf:"bytes,7,opt,name=mode,proto3" json:"mode,omitempty"`
+	// The content digest of the container's base rootfs on the source
+	// (sha256 over names, modes, link targets and file contents); the peer
+	// refuses when its rootfs at that path differs.
+	RootfsDigest string `protobuf:"bytes,8,opt,name=rootfs_digest,json=rootfsDigest,proto3" json:"rootfs_digest,omitempty"`
+	// The source CPU as CRIU describes it (criu cpuinfo dump: cpuinfo.img);
+	// the peer refuses when criu cpuinfo check fails against it.
+	Cpuinfo       []byte `protobuf:"bytes,9,opt,name=cpuinfo,proto3" json:"cpuinfo,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2377,6 +2384,20 @@ func (x *PrepareIncomingRequest) GetMode() string {
 		return x.Mode
 	}
 	return ""
+}
+
+func (x *PrepareIncomingRequest) GetRootfsDigest() string {
+	if x != nil {
+		return x.RootfsDigest
+	}
+	return ""
+}
+
+func (x *PrepareIncomingRequest) GetCpuinfo() []byte {
+	if x != nil {
+		return x.Cpuinfo
+	}
+	return nil
 }
 
 type PrepareIncomingResponse struct {
@@ -3095,7 +3116,7 @@ const file_ferry_proto_rawDesc = "" +
 	"\x16ListMigrationsResponse\x123\n" +
 	"\n" +
 	"migrations\x18\x01 \x03(\v2\x13.ferry.v1.MigrationR\n" +
-	"migrations\"\xf6\x01\n" +
+	"migrations\"\xb5\x02\n" +
 	"\x16PrepareIncomingRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12\x1f\n" +
 	"\vsource_node\x18\x02 \x01(\tR\n" +
@@ -3105,7 +3126,9 @@ const file_ferry_proto_rawDesc = "" +
 	"\vcgroup_mode\x18\x05 \x01(\tR\n" +
 	"cgroupMode\x12\x1b\n" +
 	"\tspec_json\x18\x06 \x01(\fR\bspecJson\x12\x12\n" +
-	"\x04mode\x18\a \x01(\tR\x04mode\"z\n" +
+	"\x04mode\x18\a \x01(\tR\x04mode\x12#\n" +
+	"\rrootfs_digest\x18\b \x01(\tR\frootfsDigest\x12\x18\n" +
+	"\acpuinfo\x18\t \x01(\fR\acpuinfo\"z\n" +
 	"\x17PrepareIncomingResponse\x12\x1b\n" +
 	"\tnode_name\x18\x01 \x01(\tR\bnodeName\x12!\n" +
 	"\fcriu_version\x18\x02 \x01(\tR\vcriuVersion\x12\x1f\n" +

@@ -136,6 +136,11 @@ func (c *Client) Logs(ctx context.Context, name string, follow bool, w io.Writer
 // controller's folder made by `ferryctl certs`). The server must present a
 // certificate from the same CA valid for the address's host.
 func DialTLS(addr, tlsDir string) (*Client, error) {
+	return DialTLSWith(addr, tlsDir)
+}
+
+// DialTLSWith is DialTLS with more gRPC options (a custom dialer, say).
+func DialTLSWith(addr, tlsDir string, extra ...grpc.DialOption) (*Client, error) {
 	cert, err := tls.LoadX509KeyPair(filepath.Join(tlsDir, "node.pem"), filepath.Join(tlsDir, "node-key.pem"))
 	if err != nil {
 		return nil, fmt.Errorf("tls-dir %s: %w", tlsDir, err)
@@ -155,8 +160,9 @@ func DialTLS(addr, tlsDir string) (*Client, error) {
 	creds := credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, ServerName: host, MinVersion: tls.VersionTLS13})
 	// Keepalive pings find a dead peer or a cut wire within seconds, so a
 	// migration that loses its peer rolls back instead of hanging.
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds),
-		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 5 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true}))
+	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(creds),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 5 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true})}, extra...)
+	conn, err := grpc.NewClient(addr, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("address %q: %w", addr, err)
 	}

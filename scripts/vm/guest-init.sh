@@ -148,10 +148,13 @@ run_tests() {
 		t0=$(uptime_s)
 		# -test.timeout makes a hung test panic with every goroutine's stack;
 		# the SIGKILL after it is for a binary that does not even do that.
+		set -- -test.v -test.count=1 -test.timeout "$((left - 10))s" -test.run "$re"
+		if [ -f "$d/bench" ]; then
+			set -- "$@" -test.bench "$(cat "$d/bench")" -test.benchtime 1x
+		fi
 		(cd "$d" &&
 			exec timeout -s KILL "$left" env FERRY_BIN=/ferry/bin CI=true FERRY_VM=1 \
-				TMPDIR=/tmp HOME=/root "$d/test" -test.v -test.count=1 \
-				-test.timeout "$((left - 10))s" -test.run "$re") 2>&1
+				TMPDIR=/tmp HOME=/root "$d/test" "$@") 2>&1
 		rc=$?
 		t1=$(uptime_s)
 		echo

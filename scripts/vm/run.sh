@@ -12,6 +12,10 @@
 #   --test-bin PATH   prebuilt Go test binary to run inside (repeatable)
 #   --run REGEX       -test.run for the --test-pkg/--test-bin just before it
 #                     (default: every test of that binary)
+#   --bench REGEX     -test.bench (with -test.benchtime 1x) for the
+#                     --test-pkg/--test-bin just before it; give --run '^$'
+#                     to run only benchmarks (FERRY_VM_BENCH_MIB in the
+#                     environment passes through to the guest)
 #   --timeout SEC     wall-clock limit for the whole VM, boot to power-off
 #                     (default 900); qemu is killed when it is reached
 #   --mem MIB         guest memory (default 2048)
@@ -92,6 +96,7 @@ BIN_DIR=""
 TESTS_KIND=()   # pkg | bin
 TESTS_SRC=()
 TESTS_RUN=()
+TESTS_BENCH=()
 TESTS_PKGDIR=() # source dir of a --test-pkg (its testdata goes along), else empty
 TIMEOUT=900
 MEM=2048
@@ -152,15 +157,18 @@ parse_args() {
 		--allow-skip) ALLOW_SKIP=1; shift; continue ;;
 		--keep) KEEP=1; shift; continue ;;
 		-h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 0 ;;
-		--bin|--test-pkg|--test-bin|--run|--timeout|--mem|--smp|--cache|--kernel-pkg|--kernel|--append)
+		--bin|--test-pkg|--test-bin|--run|--bench|--timeout|--mem|--smp|--cache|--kernel-pkg|--kernel|--append)
 			(( $# >= 2 )) || usage_error "$opt needs a value"
 			val=$2; shift 2 ;;
 		*) usage_error "unknown argument '$opt'" ;;
 		esac
 		case $opt in
 		--bin) BIN_DIR=$val ;;
-		--test-pkg) TESTS_KIND+=(pkg); TESTS_SRC+=("$val"); TESTS_RUN+=(""); TESTS_PKGDIR+=("") ;;
-		--test-bin) TESTS_KIND+=(bin); TESTS_SRC+=("$val"); TESTS_RUN+=(""); TESTS_PKGDIR+=("") ;;
+		--test-pkg) TESTS_KIND+=(pkg); TESTS_SRC+=("$val"); TESTS_RUN+=(""); TESTS_BENCH+=(""); TESTS_PKGDIR+=("") ;;
+		--test-bin) TESTS_KIND+=(bin); TESTS_SRC+=("$val"); TESTS_RUN+=(""); TESTS_BENCH+=(""); TESTS_PKGDIR+=("") ;;
+		--bench)
+			(( ${#TESTS_SRC[@]} )) || usage_error "--bench must follow the --test-pkg or --test-bin it applies to"
+			TESTS_BENCH[${#TESTS_BENCH[@]}-1]=$val ;;
 		--run)
 			(( ${#TESTS_SRC[@]} )) || usage_error "--run must follow the --test-pkg or --test-bin it applies to"
 			TESTS_RUN[${#TESTS_RUN[@]}-1]=$val ;;
@@ -187,6 +195,7 @@ parse_args() {
 		TESTS_KIND=(pkg pkg)
 		TESTS_SRC=(./integration/vmtest ./integration)
 		TESTS_RUN=("" "$DEFAULT_INTEGRATION_RUN")
+		TESTS_BENCH=("" "")
 		TESTS_PKGDIR=("" "")
 	fi
 	local i
@@ -420,6 +429,10 @@ build_initramfs() {
 	# ferry, the tests, host tools, iptables (nft and legacy) with its plugins.
 	copy_elf "$BIN_DIR/ferryd" /ferry/bin/ferryd
 	copy_elf "$BIN_DIR/ferryctl" /ferry/bin/ferryctl
+	# The benchmarks' workload, static (make build).
+	if [[ -x $BIN_DIR/hog ]]; then
+		install -m 0755 -- "$BIN_DIR/hog" "$TREE/ferry/bin/hog"
+	fi
 	local i name
 	for i in "${!TESTS_SRC[@]}"; do
 		name=$(printf '%02d-%s' "$((i + 1))" "$(basename -- "${TESTS_SRC[$i]}" .test)")
@@ -431,6 +444,9 @@ build_initramfs() {
 			cp -a -- "${TESTS_PKGDIR[$i]}/testdata" "$TREE/ferry/tests/$name/testdata"
 		fi
 		printf '%s\n' "${TESTS_RUN[$i]}" >"$TREE/ferry/tests/$name/run"
+		if [[ -n ${TESTS_BENCH[$i]:-} ]]; then
+			printf '%s\n' "${TESTS_BENCH[$i]}" >"$TREE/ferry/tests/$name/bench"
+		fi
 		TESTS_NAME[i]=$name
 	done
 	local t
@@ -476,6 +492,10 @@ build_initramfs() {
 	{
 		printf 'FERRY_VM_NONCE=%s\n' "$NONCE"
 		printf 'FERRY_VM_BUDGET=%s\n' "$TIMEOUT"
+		# A benchmark's size, passed through (digits only).
+		if [[ ${FERRY_VM_BENCH_MIB:-} =~ ^[0-9]+$ ]]; then
+			printf 'export FERRY_VM_BENCH_MIB=%s\n' "$FERRY_VM_BENCH_MIB"
+		fi
 	} >"$TREE/ferry/vm.conf"
 
 	INITRD=$WORK/initrd.img
@@ -608,7 +628,11 @@ report() {
 		elif [[ $exitc != 0 ]]; then
 			fail+=("$name: exit $exitc")
 		fi
-		if (( runs == 0 )) || grep -q '^testing: warning: no tests to run' <<<"$sect"; then
+		benches=$(grep -cE '^Benchmark[^ ]*[[:space:]]+[0-9]+' <<<"$sect" || true)
+		if [[ -n ${TESTS_BENCH[$i]:-} ]]; then
+			grep -E '^Benchmark' <<<"$sect" | sed 's/^/vm:     /' || true
+			(( benches > 0 )) || fail+=("$name: no benchmark matched -test.bench '${TESTS_BENCH[$i]}' or none reported")
+		elif (( runs == 0 )) || grep -q '^testing: warning: no tests to run' <<<"$sect"; then
 			fail+=("$name: no test matched -test.run '${TESTS_RUN[$i]}'")
 		fi
 		if (( ! ALLOW_SKIP )) && grep -q '^--- SKIP: ' <<<"$sect"; then
