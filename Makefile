@@ -11,7 +11,7 @@ export PATH := $(TOOLS):$(PATH)
 # Integration tests share the host's cgroups and mounts: one package at a time.
 TESTFLAGS   ?=
 
-.PHONY: help deps build generate test test-unit test-integration test-vm demo bench bench-vm fuzz lint clean
+.PHONY: help deps build generate test test-unit test-integration test-vm demo bench bench-vm fuzz fuzz-short lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -30,7 +30,7 @@ generate: deps ## regenerate agent/api from ferry.proto with the pinned protoc p
 	protoc -I agent/api --go_out=agent/api --go_opt=paths=source_relative \
 		--go-grpc_out=agent/api --go-grpc_opt=paths=source_relative agent/api/ferry.proto
 
-test: deps build test-unit test-integration test-vm ## everything CI runs: deps, unit tests, root integration tests, the VM tier
+test: deps build test-unit fuzz-short test-integration test-vm ## everything CI runs: deps, unit tests, a short fuzz run, root integration tests, the VM tier
 
 test-unit: ## unit tests (race detector on)
 	$(GO) test -race -count=1 -tags "$(TAGS)" $(TESTFLAGS) $$($(GO) list ./... | grep -v /integration)
@@ -60,9 +60,14 @@ bench-vm: deps build ## pre-copy against stop-and-copy downtime inside the VM (2
 GOLANGCI    := github.com/golangci/golangci-lint/v2/cmd/golangci-lint@v2.15.0
 
 FUZZTIME    ?= 2m
-fuzz: ## run every fuzz target for FUZZTIME each (make test runs their seed corpora only)
-	@set -e; for t in "FuzzParseSize ./cgroup" "FuzzParseCPU ./cgroup" "FuzzNormalize ./cgroup" \
-		"FuzzValidate ./sysctlguard" "FuzzNormalizeSpec ./agent" "FuzzExtractTree ./migrate"; do \
+FUZZ_TARGETS := "FuzzParseSize ./cgroup" "FuzzParseCPU ./cgroup" "FuzzNormalize ./cgroup" \
+	"FuzzValidate ./sysctlguard" "FuzzNormalizeSpec ./agent" "FuzzPeerSpec ./agent" "FuzzPageDirs ./agent" \
+	"FuzzPartStream ./agent" "FuzzExtractTree ./migrate"
+fuzz-short: ## every fuzz target for 3 s (part of make test; the seed corpora run with the unit tests)
+	@$(MAKE) --no-print-directory fuzz FUZZTIME=3s
+
+fuzz: ## run every fuzz target for FUZZTIME each
+	@set -e; for t in $(FUZZ_TARGETS); do \
 		set -- $$t; echo "== $$1 ($$2, $(FUZZTIME))"; \
 		TMPDIR=/dev/shm $(GO) test -run '^$$' -fuzz "^$$1$$" -fuzztime $(FUZZTIME) $$2; done
 

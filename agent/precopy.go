@@ -51,6 +51,18 @@ const (
 // could leave the migration's directory.
 var pageDirRE = regexp.MustCompile(`^(images|pre-[0-9]{1,3})$`)
 
+// validatePageDirs checks the page directory and parent a source names:
+// "images" or pre-N, a parent pre-N other than the directory.
+func validatePageDirs(dir, parent string) error {
+	if !pageDirRE.MatchString(dir) {
+		return fmt.Errorf("page directory %q: want images or pre-N: %w", dir, ErrInvalidArgument)
+	}
+	if parent != "" && (!pageDirRE.MatchString(parent) || parent == "images" || parent == dir) {
+		return fmt.Errorf("page parent %q: want pre-N other than %q: %w", parent, dir, ErrInvalidArgument)
+	}
+	return nil
+}
+
 // pageSender is the source's end of pre-copy's page traffic.
 type pageSender struct {
 	ns   *privnet.NS
@@ -213,11 +225,8 @@ func (a *Agent) servePages(ctx context.Context, in *incoming, recv func() (*api.
 		return ""
 	}
 	dir, parent := get(PageDirKey), get(PageParentKey)
-	if !pageDirRE.MatchString(dir) {
-		return fmt.Errorf("page directory %q: want images or pre-N: %w", dir, ErrInvalidArgument)
-	}
-	if parent != "" && (!pageDirRE.MatchString(parent) || parent == "images" || parent == dir) {
-		return fmt.Errorf("page parent %q: want pre-N other than %q: %w", parent, dir, ErrInvalidArgument)
+	if err := validatePageDirs(dir, parent); err != nil {
+		return err
 	}
 	base := filepath.Dir(in.images)
 	images := filepath.Join(base, dir)

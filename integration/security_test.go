@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/ferry-agent/ferry/internal/testenv"
 )
 
 // capBit numbers from linux/capability.h.
@@ -174,4 +176,42 @@ func TestSeccompDefaultProfile(t *testing.T) {
 	}
 	d.mustCtl("rm", "-f", "locked")
 	d.assertNoTrace(t, "locked")
+}
+
+// TestSocketRefusesNonRoot: the local socket is root's alone. ferryctl run
+// as nobody gets permission denied for reads and for changes alike, and
+// nothing changes.
+func TestSocketRefusesNonRoot(t *testing.T) {
+	requireHost(t)
+	setpriv := testenv.RequireBinary(t, "setpriv")
+	d := newDaemon(t, "sock")
+	d.start()
+	d.mustCtl("run", "keep", "--", "sleep", "1000")
+	before := d.inspect("keep")
+	st, err := os.Stat(d.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode().Perm() != 0o600 {
+		t.Errorf("socket mode %v, want 0600", st.Mode().Perm())
+	}
+	for _, args := range [][]string{{"ps"}, {"inspect", "keep"}, {"rm", "-f", "keep"}, {"run", "x", "--", "true"}} {
+		cmd := exec.Command(setpriv, append([]string{"--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+			filepath.Join(binDir, "ferryctl"), "--socket", d.socket}, args...)...)
+		out, err := cmd.CombinedOutput()
+		if err == nil {
+			t.Errorf("ferryctl %v as nobody succeeded: %s", args, out)
+			continue
+		}
+		if !strings.Contains(strings.ToLower(string(out)), "permission denied") {
+			t.Errorf("ferryctl %v as nobody: %s, want permission denied", args, out)
+		}
+	}
+	if c := d.inspect("keep"); c.State != "running" || c.Pid != before.Pid {
+		t.Errorf("keep after the attempts: %+v", c)
+	}
+	if _, errOut, _ := d.ctl("inspect", "x"); grpcCode(errOut) != "NotFound" {
+		t.Errorf("nobody's run made a container: %s", errOut)
+	}
+	d.mustCtl("rm", "-f", "keep")
 }
