@@ -57,7 +57,7 @@ func (d *rootfsDigests) digest(root string) (string, error) {
 	sort.Slice(ents, func(i, j int) bool { return ents[i].rel < ents[j].rel })
 	sig := sha256.New()
 	for _, e := range ents {
-		fmt.Fprintf(sig, "%s\x00%o\x00%d\x00%d\n", e.rel, e.info.Mode(), e.info.Size(), e.info.ModTime().UnixNano())
+		_, _ = fmt.Fprintf(sig, "%s\x00%o\x00%d\x00%d\n", e.rel, e.info.Mode(), e.info.Size(), e.info.ModTime().UnixNano())
 	}
 	statSig := hex.EncodeToString(sig.Sum(nil))
 	d.mu.Lock()
@@ -70,14 +70,14 @@ func (d *rootfsDigests) digest(root string) (string, error) {
 	h := sha256.New()
 	for _, e := range ents {
 		m := e.info.Mode()
-		fmt.Fprintf(h, "%s\x00%o\x00", e.rel, m&(fs.ModeType|fs.ModePerm|fs.ModeSetuid|fs.ModeSetgid|fs.ModeSticky))
+		_, _ = fmt.Fprintf(h, "%s\x00%o\x00", e.rel, m&(fs.ModeType|fs.ModePerm|fs.ModeSetuid|fs.ModeSetgid|fs.ModeSticky))
 		switch {
 		case m&fs.ModeSymlink != 0:
 			t, err := os.Readlink(filepath.Join(root, e.rel))
 			if err != nil {
 				return "", err
 			}
-			fmt.Fprintf(h, "%s", t)
+			_, _ = fmt.Fprintf(h, "%s", t)
 		case m.IsRegular():
 			f, err := os.Open(filepath.Join(root, e.rel))
 			if err != nil {

@@ -14,20 +14,20 @@ import (
 
 func main() {
 	if len(os.Args) < 3 {
-		os.Stderr.WriteString("usage: hog MIB DIRTY_MIB_PER_S [LOGFILE]\n")
+		_, _ = os.Stderr.WriteString("usage: hog MIB DIRTY_MIB_PER_S [LOGFILE]\n")
 		os.Exit(2)
 	}
 	mib, err1 := strconv.Atoi(os.Args[1])
 	dirty, err2 := strconv.Atoi(os.Args[2])
 	if err1 != nil || err2 != nil || mib <= 0 || dirty < 0 {
-		os.Stderr.WriteString("hog: bad arguments\n")
+		_, _ = os.Stderr.WriteString("hog: bad arguments\n")
 		os.Exit(2)
 	}
 	out := os.Stdout
 	if len(os.Args) > 3 {
 		f, err := os.OpenFile(os.Args[3], os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 		if err != nil {
-			os.Stderr.WriteString("hog: " + err.Error() + "\n")
+			_, _ = os.Stderr.WriteString("hog: " + err.Error() + "\n")
 			os.Exit(1)
 		}
 		out = f
