@@ -344,7 +344,25 @@ func killProcsMatching(s string) {
 	}
 }
 
-var hierarchies = []string{"memory", "cpu", "cpuacct", "pids", "devices", "freezer", "blkio", "cpuset", "unified", "systemd"}
+// hierarchies are where a container's cgroups can be: the v1 hierarchies
+// (and the hybrid's unified one) on this machine, and "" for the unified
+// hierarchy mounted at /sys/fs/cgroup itself (cgroup v2: the VM tier).
+var hierarchies = []string{"memory", "cpu", "cpuacct", "pids", "devices", "freezer", "blkio", "cpuset", "unified", "systemd", ""}
+
+// unifiedDir is a cgroup's directory in the unified hierarchy: under
+// /sys/fs/cgroup/unified on this machine's hybrid, /sys/fs/cgroup on v2.
+func unifiedDir(cg string) string {
+	if cgroupV2() {
+		return filepath.Join("/sys/fs/cgroup", cg)
+	}
+	return filepath.Join("/sys/fs/cgroup/unified", cg)
+}
+
+// cgroupV2 reports whether /sys/fs/cgroup is the unified hierarchy.
+func cgroupV2() bool {
+	_, err := os.Stat("/sys/fs/cgroup/cgroup.controllers")
+	return err == nil
+}
 
 // cgroupDirs lists every cgroup directory at or below parent, in any hierarchy.
 func cgroupDirs(parent string) []string {

@@ -79,7 +79,6 @@ func sysctlDenied(t *testing.T, d *daemon, name string) int {
 // failing guard would change nothing.
 func TestSysctlGuardDeniesGlobalWrites(t *testing.T) {
 	requireHost(t)
-	requireV1(t)
 	d := newDaemon(t, "a")
 	d.start()
 	global := []string{"kernel.panic", "vm.swappiness", "kernel.pid_max", "kernel.randomize_va_space"}
@@ -126,7 +125,7 @@ func TestSysctlGuardDeniesGlobalWrites(t *testing.T) {
 
 	// A host process moved into the container's cgroup is denied as well.
 	c := d.inspect("guarded")
-	procs := filepath.Join("/sys/fs/cgroup/unified", c.Cgroup, "cgroup.procs")
+	procs := filepath.Join(unifiedDir(c.Cgroup), "cgroup.procs")
 	host := exec.Command(defaultRootfs+"/bin/busybox", "sh", "-c",
 		fmt.Sprintf("echo $$ > %s && echo %s > /proc/sys/kernel/panic", procs, before["kernel.panic"]))
 	out, err := host.CombinedOutput()
@@ -183,7 +182,7 @@ func TestSysctlGuardSurvivesRestart(t *testing.T) {
 	}
 	// Exactly one program on the container's cgroup.
 	c := d.inspect("g2")
-	out, err := exec.Command("bpftool", "cgroup", "show", filepath.Join("/sys/fs/cgroup/unified", c.Cgroup)).CombinedOutput()
+	out, err := exec.Command("bpftool", "cgroup", "show", unifiedDir(c.Cgroup)).CombinedOutput()
 	if err == nil {
 		if n := strings.Count(string(out), "cgroup_sysctl"); n != 1 {
 			t.Errorf("bpftool cgroup show: %d sysctl programs, want 1:\n%s", n, out)
