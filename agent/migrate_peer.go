@@ -170,6 +170,14 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingReq
 			return nil, fmt.Errorf("container %q: network: %w", spec.Name, err)
 		}
 		c.rec.IP, c.rec.MAC, c.rec.Netns = ep.IP.Addr().String(), ep.MAC.String(), ep.NetnsPath
+		// Until the restore is done this namespace sends no TCP resets: a
+		// peer's segment that arrives before its socket is restored is
+		// dropped and retransmitted, never answered with a reset that would
+		// end the connection. Set now, off the downtime's path; it goes
+		// with the namespace if the migration is aborted.
+		if err := holdTCP(ep.NetnsPath, true); err != nil {
+			return nil, fmt.Errorf("container %q: network: %w", spec.Name, err)
+		}
 	}
 	if err := atomicfile.WriteJSON(filepath.Join(c.dir, specFile), c.rec, 0o600); err != nil {
 		return nil, err
@@ -411,16 +419,10 @@ func (a *Agent) RestoreIncoming(ctx context.Context, id string) (_ *api.RestoreI
 	if a.net != nil {
 		// The address comes up on this node before the restore, so the
 		// restored connections' first packets are not lost to a link that
-		// is still down (they would wait for a retransmit, ~1 s). Until the
-		// restore is done this namespace sends no TCP resets: a peer's
-		// segment that arrives before its socket is restored is dropped and
-		// retransmitted, never answered with a reset that would end the
-		// connection.
-		if err := holdTCP(c.rec.Netns, true); err != nil {
-			return nil, fmt.Errorf("container %q: network: %w", c.name, err)
-		}
+		// is still down (they would wait for a retransmit, ~1 s); the hold
+		// on TCP resets set at the preparation keeps early segments from
+		// ending connections whose sockets are not restored yet.
 		if err := a.net.Activate(ctx, c.name); err != nil {
-			_ = holdTCP(c.rec.Netns, false)
 			return nil, fmt.Errorf("container %q: network: %w", c.name, err)
 		}
 	}
@@ -435,10 +437,15 @@ func (a *Agent) RestoreIncoming(ctx context.Context, id string) (_ *api.RestoreI
 	}
 	lazy := rs.lazy
 	ii, cmd, lazyEnded, err := a.startMonitor(ctx, c.dir, rs)
-	if a.net != nil {
-		if herr := holdTCP(c.rec.Netns, false); herr != nil {
-			a.log.Warn("release the restore's TCP hold", "container", c.name, "err", herr)
-		}
+	if a.net != nil && err == nil {
+		// Released after the reply: until then resets stay dropped, which
+		// is harmless once the sockets are back.
+		netns := c.rec.Netns
+		go func() {
+			if herr := holdTCP(netns, false); herr != nil {
+				a.log.Warn("release the restore's TCP hold", "container", c.name, "err", herr)
+			}
+		}()
 	}
 	if err != nil {
 		if a.net != nil {
