@@ -11,7 +11,7 @@ export PATH := $(TOOLS):$(PATH)
 # Integration tests share the host's cgroups and mounts: one package at a time.
 TESTFLAGS   ?=
 
-.PHONY: help deps build generate test test-unit test-integration test-vm demo bench bench-vm fuzz fuzz-short lint clean
+.PHONY: help deps build generate test test-unit test-integration test-vm demo test-faults bench bench-vm fuzz fuzz-short lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -53,6 +53,9 @@ bench: deps build ## benchmarks: start/remove against the runc CLI, RSS, harden 
 	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench . -skip '^BenchmarkVM' -benchtime 1x -timeout 30m -v ./integration/
 	$(GO) test -run '^$$' -bench HardenLatency -benchtime 1x -timeout 10m -v ./cgroup/
 	$(GO) test -run '^$$' -bench GuardOverhead -benchtime 3x -timeout 10m -v ./sysctlguard/
+
+test-faults: build ## the migration fault matrix alone (it also runs in make test): peers and sources killed, wires cut, CRIU failing, cancels, bad peer messages
+	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -p 1 -timeout 20m -v -run '^TestMigrate(FailuresRollBack|FaultsMidTransfer|SourceKilled|Cancel|PeerMessages|PostCopyNeedsPipes|BadInput)$$' ./integration/
 
 bench-vm: deps build ## pre-copy against stop-and-copy downtime inside the VM (256 MiB, W = 0 and 16 MiB/s; slow: software emulation)
 	bash scripts/vm/run.sh --bin $(CURDIR)/$(BIN) --timeout 5400 --test-pkg ./integration --run '^$$' --bench '^BenchmarkVMPreCopy$$' $(VM_FLAGS)

@@ -195,7 +195,7 @@ func (a *Agent) preCopy(ctx context.Context, s *pageSender, lc *libcontainer.Con
 		rounds = append(rounds, st.Round(started, bytes, took))
 		d := migrate.Decide(rounds, opts)
 		pr := &api.PrecopyRound{Round: int32(i), PagesWritten: int64(st.PagesWritten), PagesSkippedParent: int64(st.PagesSkippedParent),
-			FrozenMs: st.FrozenTime.Milliseconds(), Bytes: bytes, Ms: took.Milliseconds(), Decision: d.Reason}
+			FrozenMs: st.FrozenTime.Milliseconds(), Bytes: bytes, Ms: took.Milliseconds(), Decision: d.Reason, DirtyPagesPerSecond: d.DirtyRate}
 		if d.PredictedDowntime != migrate.UnknownDowntime {
 			pr.PredictedDowntimeMs = d.PredictedDowntime.Milliseconds()
 			m.PredictedDowntimeMs = pr.PredictedDowntimeMs

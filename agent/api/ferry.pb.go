@@ -2026,6 +2026,9 @@ type PrecopyRound struct {
 	// The convergence rule's verdict after this round.
 	Decision            string `protobuf:"bytes,7,opt,name=decision,proto3" json:"decision,omitempty"`
 	PredictedDowntimeMs int64  `protobuf:"varint,8,opt,name=predicted_downtime_ms,json=predictedDowntimeMs,proto3" json:"predicted_downtime_ms,omitempty"`
+	// Pages dirtied per second, estimated from this round and the one before
+	// (0 after the first round).
+	DirtyPagesPerSecond float64 `protobuf:"fixed64,9,opt,name=dirty_pages_per_second,json=dirtyPagesPerSecond,proto3" json:"dirty_pages_per_second,omitempty"`
 	unknownFields       protoimpl.UnknownFields
 	sizeCache           protoimpl.SizeCache
 }
@@ -2112,6 +2115,13 @@ func (x *PrecopyRound) GetDecision() string {
 func (x *PrecopyRound) GetPredictedDowntimeMs() int64 {
 	if x != nil {
 		return x.PredictedDowntimeMs
+	}
+	return 0
+}
+
+func (x *PrecopyRound) GetDirtyPagesPerSecond() float64 {
+	if x != nil {
+		return x.DirtyPagesPerSecond
 	}
 	return 0
 }
@@ -3098,7 +3108,7 @@ const file_ferry_proto_rawDesc = "" +
 	"\x0epostcopy_bytes\x18\x17 \x01(\x03R\rpostcopyBytes\x12=\n" +
 	"\x0eprecopy_rounds\x18\x18 \x03(\v2\x16.ferry.v1.PrecopyRoundR\rprecopyRounds\x12.\n" +
 	"\x13final_pages_written\x18\x19 \x01(\x03R\x11finalPagesWritten\x12;\n" +
-	"\x1afinal_pages_skipped_parent\x18\x1a \x01(\x03R\x17finalPagesSkippedParent\"\x8e\x02\n" +
+	"\x1afinal_pages_skipped_parent\x18\x1a \x01(\x03R\x17finalPagesSkippedParent\"\xc3\x02\n" +
 	"\fPrecopyRound\x12\x14\n" +
 	"\x05round\x18\x01 \x01(\x05R\x05round\x12#\n" +
 	"\rpages_written\x18\x02 \x01(\x03R\fpagesWritten\x120\n" +
@@ -3107,7 +3117,8 @@ const file_ferry_proto_rawDesc = "" +
 	"\x05bytes\x18\x05 \x01(\x03R\x05bytes\x12\x0e\n" +
 	"\x02ms\x18\x06 \x01(\x03R\x02ms\x12\x1a\n" +
 	"\bdecision\x18\a \x01(\tR\bdecision\x122\n" +
-	"\x15predicted_downtime_ms\x18\b \x01(\x03R\x13predictedDowntimeMs\"(\n" +
+	"\x15predicted_downtime_ms\x18\b \x01(\x03R\x13predictedDowntimeMs\x123\n" +
+	"\x16dirty_pages_per_second\x18\t \x01(\x01R\x13dirtyPagesPerSecond\"(\n" +
 	"\x16CancelMigrationRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"%\n" +
 	"\x13GetMigrationRequest\x12\x0e\n" +

@@ -188,21 +188,23 @@ func MigrationView(m *api.Migration) MigrationJSON {
 
 // PrecopyRoundJSON is one pre-copy round in a migration's JSON form.
 type PrecopyRoundJSON struct {
-	Round               int32  `json:"round"`
-	PagesWritten        int64  `json:"pages_written"`
-	PagesSkippedParent  int64  `json:"pages_skipped_parent"`
-	FrozenMs            int64  `json:"frozen_ms"`
-	Bytes               int64  `json:"bytes"`
-	Ms                  int64  `json:"ms"`
-	Decision            string `json:"decision"`
-	PredictedDowntimeMs int64  `json:"predicted_downtime_ms"`
+	Round               int32   `json:"round"`
+	PagesWritten        int64   `json:"pages_written"`
+	PagesSkippedParent  int64   `json:"pages_skipped_parent"`
+	FrozenMs            int64   `json:"frozen_ms"`
+	Bytes               int64   `json:"bytes"`
+	Ms                  int64   `json:"ms"`
+	Decision            string  `json:"decision"`
+	PredictedDowntimeMs int64   `json:"predicted_downtime_ms"`
+	DirtyPagesPerSecond float64 `json:"dirty_pages_per_second"`
 }
 
 func precopyRounds(rs []*api.PrecopyRound) []PrecopyRoundJSON {
 	out := make([]PrecopyRoundJSON, 0, len(rs))
 	for _, r := range rs {
 		out = append(out, PrecopyRoundJSON{Round: r.GetRound(), PagesWritten: r.GetPagesWritten(), PagesSkippedParent: r.GetPagesSkippedParent(),
-			FrozenMs: r.GetFrozenMs(), Bytes: r.GetBytes(), Ms: r.GetMs(), Decision: r.GetDecision(), PredictedDowntimeMs: r.GetPredictedDowntimeMs()})
+			FrozenMs: r.GetFrozenMs(), Bytes: r.GetBytes(), Ms: r.GetMs(), Decision: r.GetDecision(), PredictedDowntimeMs: r.GetPredictedDowntimeMs(),
+			DirtyPagesPerSecond: r.GetDirtyPagesPerSecond()})
 	}
 	return out
 }

@@ -628,9 +628,9 @@ freeze cancels the migration; afterwards the migration runs to its end on the ag
 				switch {
 				case last != nil && m.Rounds != last.Rounds && len(m.PrecopyRounds) > 0:
 					r := m.PrecopyRounds[len(m.PrecopyRounds)-1]
-					fmt.Printf("[%7.3fs] %-9s round %d  %d pages (%s) in %d ms, %d left to the round before; predicted downtime %d ms: %s\n",
+					fmt.Printf("[%7.3fs] %-9s round %d  %d pages (%s) in %d ms, %d left to the round before; dirty %s/s; predicted downtime %d ms: %s\n",
 						float64(m.TotalMs)/1000, m.Phase, r.Round, r.PagesWritten, humanBytes(float64(r.Bytes)), r.Ms, r.PagesSkippedParent,
-						r.PredictedDowntimeMs, r.Decision)
+						humanBytes(r.DirtyPagesPerSecond*4096), r.PredictedDowntimeMs, r.Decision)
 				case last == nil || m.Phase != last.Phase:
 					fmt.Printf("[%7.3fs] %-9s round %d  %s sent\n", float64(m.TotalMs)/1000, m.Phase, m.Rounds, humanBytes(float64(m.BytesSent)))
 				case m.BytesSent != last.BytesSent:
