@@ -42,7 +42,7 @@ VM_FLAGS ?=
 test-vm: deps build ## tests inside a Debian 6.1 VM under qemu (TCG): soft-dirty, cgroup v2; VM_FLAGS passes options to scripts/vm/run.sh
 	@# One retry, and only when the guest never reported (a boot or emulation hang), never for a failed test.
 	@bash scripts/vm/run.sh --bin $(CURDIR)/$(BIN) $(VM_FLAGS) 2>&1 | tee /tmp/ferry-vm.log; rc=$${PIPESTATUS[0]}; \
-	if [ $$rc -ne 0 ] && grep -q "the VM did not report\|timed out" /tmp/ferry-vm.log && ! grep -q -- "--- FAIL" /tmp/ferry-vm.log; then \
+	if [ $$rc -ne 0 ] && grep -q "the VM did not report\|the VM did not finish\|timed out" /tmp/ferry-vm.log && ! grep -q -- "--- FAIL" /tmp/ferry-vm.log; then \
 		echo "test-vm: the guest did not report; retrying once"; bash scripts/vm/run.sh --bin $(CURDIR)/$(BIN) $(VM_FLAGS); \
 	else exit $$rc; fi
 

@@ -53,9 +53,14 @@ func kernelRelease() string {
 // Version implements api.FerryServer.
 func (s *Server) Version(context.Context, *api.VersionRequest) (*api.VersionResponse, error) {
 	v := s.a.Version()
-	return &api.VersionResponse{AgentVersion: v.Agent, NodeName: v.Node, CriuVersion: v.Criu,
-		CgroupMode: v.CgroupMode, GoVersion: runtime.Version(), Kernel: kernelRelease(),
-		Features: s.a.MigrationFeatures()}, nil
+	r := &api.VersionResponse{AgentVersion: v.Agent, NodeName: v.Node, CriuVersion: v.Criu,
+		CgroupMode: v.CgroupMode, GoVersion: runtime.Version(), Kernel: kernelRelease()}
+	if s.peer {
+		// For a migration's handshake: what CRIU can do here (criu check,
+		// run once per agent; the pipe limit read each time).
+		r.Features = s.a.MigrationFeatures()
+	}
+	return r, nil
 }
 
 func resources(r *api.Resources) cgroup.Amount {

@@ -115,8 +115,9 @@ func (d *daemon) waitEvent(typ, resource string, after uint64, within time.Durat
 //	    allows) is its guarantee, and the container within its guarantee
 //	    lives on;
 //	(e) ferryd killed -9 and restarted while hardened rebuilds the state;
-//	(c) the pressure passes (the hog drops its file) and the ceilings come
-//	    back after the relax window.
+//	(c) the pressure passes (the hog drops its file; on v2, where it is on
+//	    tmpfs, the hog is removed) and the ceilings come back after the
+//	    relax window.
 func TestElasticHardenAndRelax(t *testing.T) {
 	requireHost(t)
 	const mi = 1 << 20
@@ -198,23 +199,39 @@ func TestElasticHardenAndRelax(t *testing.T) {
 		t.Errorf("(e) hog's limit %d after restart, want its guarantee", hl)
 	}
 
-	// (c) The hog drops its file: pressure is gone, and after the 3 s relax
-	// window the ceilings come back.
+	// (c) The pressure goes, and after the 3 s relax window the ceilings
+	// come back. Here the clamp reclaims the hog's page cache, and the hog
+	// drops its file. On the VM tier the file is on tmpfs, whose pages no
+	// clamp can reclaim (no swap): the hog, held at memory.high, is
+	// throttled too hard to drop it, so the test removes the hog.
+	hogGone := cgroupV2()
+	if hogGone {
+		d.mustCtl("rm", "-f", "hog")
+	}
 	_, _ = d.waitEvent("node.relaxed", "memory", 0, 120*time.Second)
 	deadline = time.Now().Add(5 * time.Second)
 	for time.Now().Before(deadline) {
-		if memMax(t, calm.Cgroup) == 256*mi && memMax(t, hog.Cgroup) == 512*mi && memLimit(t, hog.Cgroup) == 512*mi {
+		if memMax(t, calm.Cgroup) == 256*mi && memLimit(t, calm.Cgroup) == 256*mi &&
+			(hogGone || memMax(t, hog.Cgroup) == 512*mi && memLimit(t, hog.Cgroup) == 512*mi) {
 			break
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	if cl, hl := memMax(t, calm.Cgroup), memMax(t, hog.Cgroup); cl != 256*mi || hl != 512*mi {
-		t.Errorf("(c) after relaxing: calm %d hog %d, want 256Mi and 512Mi", cl, hl)
+	if cl := memMax(t, calm.Cgroup); cl != 256*mi {
+		t.Errorf("(c) after relaxing: calm %d, want 256Mi", cl)
+	}
+	if !hogGone {
+		if hl := memMax(t, hog.Cgroup); hl != 512*mi {
+			t.Errorf("(c) after relaxing: hog %d, want 512Mi", hl)
+		}
 	}
 	if c := d.inspect("calm"); c.State != "running" {
 		t.Errorf("calm %s at the end", c.State)
 	}
-	d.mustCtl("rm", "-f", "calm", "hog")
+	d.mustCtl("rm", "-f", "calm")
+	if !hogGone {
+		d.mustCtl("rm", "-f", "hog")
+	}
 	d.assertNoTrace(t, "calm")
 	d.assertNoTrace(t, "hog")
 }
