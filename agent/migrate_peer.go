@@ -471,9 +471,9 @@ func (a *Agent) RestoreIncoming(ctx context.Context, id string) (_ *api.RestoreI
 	}
 	rec := c.rec
 	a.mu.Unlock()
-	if !lazy {
-		in.timer.Stop()
-	}
+	// The idle timer stops either way: in post-copy the page transfer's own
+	// end (or the source's abort) decides, however long the pages take.
+	in.timer.Stop()
 	if err := atomicfile.WriteJSON(filepath.Join(c.dir, specFile), rec, 0o600); err != nil {
 		a.log.Warn("record container", "container", c.name, "err", err)
 	}

@@ -404,6 +404,8 @@ func (a *Agent) finishLazy(in *incoming, restoredAt time.Time, ended <-chan erro
 	_ = os.RemoveAll(filepath.Dir(in.images))
 	a.log.Info("post-copy done: every page is in", "container", c.name, "migration", in.id, "postcopy_ms", in.postcopy.Milliseconds())
 	in.setOutcome(nil)
+	// Forgotten when the source confirms, or after a while if it never does.
+	in.timer.Reset(incomingTimeout)
 }
 
 // CompleteIncoming waits for a post-copy restore to have every page.
