@@ -104,6 +104,13 @@ func (a *Agent) startLazyDump(ctx context.Context, lc *libcontainer.Container, i
 // server's connection makes CRIU fail, resuming the tasks as it found them
 // (frozen by ferryd), and waits for it.
 func (d *lazyDump) abort() error {
+	if d.conn == nil {
+		// Not taken yet: a connection closed at once ends the page server
+		// waiting for one (if it listens by now).
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		d.conn, _ = d.ns.Dial(ctx, lazyAddr)
+		cancel()
+	}
 	if d.conn != nil {
 		_ = d.conn.Close()
 	}
@@ -118,7 +125,8 @@ func (d *lazyDump) abort() error {
 	return err
 }
 
-// criuLogTail returns the last error lines of a CRIU log, for messages.
+// criuLogTail returns the end of a CRIU log (its last 600 bytes), for
+// error messages.
 func criuLogTail(path string) string {
 	b, err := os.ReadFile(path)
 	if err != nil || len(b) == 0 {
