@@ -10,7 +10,9 @@
 #
 # What it installs:
 #   apt (bookworm):  iptables busybox-static runc protobuf-compiler iproute2 bpftool
-#                    util-linux kmod cpio qemu-system-x86 procps psmisc
+#                    util-linux kmod cpio qemu-system-x86 procps psmisc socat
+#                    (socat: the VM tier reads a hung guest's vCPU state from
+#                    qemu's monitor socket)
 #                    (never Debian 12's criu 3.17: it fails on this kernel)
 #   /opt/ferry/criu          forky's criu + libcompel1 + their library closure
 #                            (own libc), unpacked with dpkg -x; the system's
@@ -34,7 +36,7 @@ CRIU_LINK=/usr/local/sbin/criu
 ROOTFS=$FERRY_PREFIX/rootfs/busybox
 
 APT_PACKAGES=(iptables busybox-static runc protobuf-compiler iproute2 util-linux
-	kmod cpio qemu-system-x86 procps psmisc bpftool libseccomp-dev pkg-config)
+	kmod cpio qemu-system-x86 procps psmisc bpftool libseccomp-dev pkg-config socat)
 # Packages that forky's criu is always unpacked with, on top of what the
 # resolver computes from the real Depends (a check, not a replacement).
 CRIU_PACKAGES=(criu libcompel1)

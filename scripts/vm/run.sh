@@ -512,11 +512,16 @@ run_qemu() {
 	# panic=-1 and -no-reboot: a panic (also /init dying) stops the VM at
 	# once. cgroup_no_v1=all: nothing can bind a controller to v1.
 	# init_on_alloc=0 and mitigations=off only save emulated CPU time.
-	local append="console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init cgroup_no_v1=all init_on_alloc=0 mitigations=off 8250.nr_uarts=1${EXTRA_APPEND:+ $EXTRA_APPEND}"
+	# nokaslr: the vCPUs' instruction pointers map to System.map when a
+	# hung guest is examined (qemu_cpus).
+	local append="console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init cgroup_no_v1=all init_on_alloc=0 mitigations=off nokaslr 8250.nr_uarts=1${EXTRA_APPEND:+ $EXTRA_APPEND}"
+	# The human monitor on a socket in the work dir (root's alone), for
+	# qemu_cpus at a timeout.
+	MON_SOCK=$WORK/monitor.sock
 	# shellcheck disable=SC2054 # the commas belong to qemu's option syntax
 	local cmd=(qemu-system-x86_64 -name ferry-vm,debug-threads=on -accel tcg,thread=multi -machine pc -cpu max -smp "$SMP" -m "$MEM"
 		-kernel "$KIMAGE" -initrd "$INITRD" -append "$append"
-		-nodefaults -no-user-config -display none -monitor none -serial "file:$LOG" -nic none -no-reboot)
+		-nodefaults -no-user-config -display none -monitor "unix:$MON_SOCK,server=on,wait=off" -serial "file:$LOG" -nic none -no-reboot)
 	say "qemu: ${cmd[*]}"
 	local t0 now off=0 size init_seen="" exit_seen="" timed_out=0
 	t0=$(date +%s.%N)
@@ -539,6 +544,7 @@ run_qemu() {
 		if (( now >= deadline )); then
 			timed_out=1
 			qemu_state
+			qemu_cpus
 			break
 		fi
 		if [[ -n $grace_end ]] && (( now >= grace_end )); then
@@ -579,6 +585,27 @@ qemu_state() {
 	t2=$(awk '{ print $14 + $15 }' "/proc/$QEMU_PID/stat" 2>/dev/null) || return 0
 	say "qemu: used $(( (t2 - t1) * 100 / $(getconf CLK_TCK) / 2 ))% of a CPU over the last 2 s; threads (state, name):" \
 		"$(for f in /proc/"$QEMU_PID"/task/*/stat; do awk '{ sub(/.*\) /, ""); printf "%s ", $1 }' "$f"; awk -F'[()]' '{ printf "%s; ", $2 }' "$f"; done 2>/dev/null)"
+}
+
+# qemu_cpus shows where each vCPU of a guest that stopped reporting is:
+# its instruction pointer, twice, a second apart. The guest boots with
+# nokaslr, so the addresses map to symbols with the System.map or vmlinux
+# of Debian's linux-image-<version>-dbg package (the package's own
+# System.map is a placeholder).
+qemu_cpus() {
+	local regs=$WORK/registers.txt
+	: >"$regs"
+	if ! command -v socat >/dev/null; then
+		warn "qemu: no socat (make deps installs it); no CPU state"
+		return 0
+	fi
+	local round
+	for round in 1 2; do
+		printf 'info registers -a\n' | timeout 3 socat -t 2 - "UNIX-CONNECT:$MON_SOCK" >>"$regs" 2>/dev/null || true
+		sleep 1
+	done
+	say "qemu: vCPU instruction pointers, two samples a second apart (map them with $KPKG-dbg):" \
+		"$(grep -ao 'RIP=[0-9a-f]*' "$regs" | sed 's/RIP=//' | tr '\n' ' ')"
 }
 
 # ---------------------------------------------------------------- results
