@@ -173,7 +173,10 @@ func pump(conn net.Conn, send func(*api.TunnelChunk) error, recv func() (*api.Tu
 	var once sync.Once
 	fail := func() { once.Do(func() { _ = conn.Close() }) } // unblocks the other direction
 	go func() {                                             // CRIU -> peer
-		buf := make([]byte, 256<<10)
+		buf := make([]byte, 1<<20)
+		if tc, ok := conn.(*net.TCPConn); ok {
+			_ = tc.SetReadBuffer(4 << 20)
+		}
 		for {
 			n, err := conn.Read(buf)
 			if n > 0 {

@@ -251,6 +251,10 @@ func (a *Agent) servePages(ctx context.Context, in *incoming, recv func() (*api.
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
 	logTail := func() string { return criuLogTail(filepath.Join(work, "page-server.log")) }
+	fail := func(err error) error {
+		_ = a.abortIncoming(in, "page server: "+err.Error())
+		return err
+	}
 	// The page server takes one connection: the first dial that succeeds
 	// is the one the tunnel uses.
 	var conn net.Conn
@@ -258,7 +262,7 @@ func (a *Agent) servePages(ctx context.Context, in *incoming, recv func() (*api.
 	for conn == nil {
 		select {
 		case err := <-exited:
-			return fmt.Errorf("criu page-server ended before it listened: %w%s", err, logTail())
+			return fail(fmt.Errorf("criu page-server ended before it listened: %w%s", err, logTail()))
 		default:
 		}
 		dctx, cancel := context.WithTimeout(ctx, time.Second)
@@ -270,7 +274,7 @@ func (a *Agent) servePages(ctx context.Context, in *incoming, recv func() (*api.
 		}
 		if time.Now().After(deadline) {
 			_ = cmd.Process.Kill()
-			return fmt.Errorf("criu page-server did not listen within 30s (%w)%s", <-exited, logTail())
+			return fail(fmt.Errorf("criu page-server did not listen within 30s (%w)%s", <-exited, logTail()))
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
@@ -292,5 +296,12 @@ func (a *Agent) servePages(ctx context.Context, in *incoming, recv func() (*api.
 	if werr != nil {
 		werr = fmt.Errorf("criu page-server for %s: %w%s", dir, werr, logTail())
 	}
-	return errors.Join(perr, werr)
+	if err := errors.Join(perr, werr); err != nil {
+		// The stream broke (source gone, wire cut) or the pages did not
+		// land: nothing of this migration can be used; a source that is
+		// still there learns it from the stream.
+		_ = a.abortIncoming(in, "page stream: "+err.Error())
+		return err
+	}
+	return nil
 }
