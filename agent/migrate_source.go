@@ -311,6 +311,8 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 	defer func() {
 		m.FinishedAt, m.TotalMs = ts(time.Now()), time.Since(start).Milliseconds()
 		if retErr != nil {
+			// A cancel (only honoured before the freeze) is what ended it,
+			// whatever call it interrupted.
 			if cause := context.Cause(ctx); errors.Is(cause, ErrCanceled) {
 				retErr = cause
 				m.State = MigrationCanceled
@@ -389,9 +391,6 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		RootfsDigest: digest, Cpuinfo: cpuinfo})
 	pcancel()
 	if err != nil {
-		if cause := context.Cause(ctx); errors.Is(cause, ErrCanceled) {
-			err = cause
-		}
 		return nil, fmt.Errorf("peer %s refused: %w", v.NodeName, err)
 	}
 	confirmed, frozen, peerMayRun := false, false, false
@@ -434,9 +433,6 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		defer pageSend.close()
 		report("precopy")
 		if parentDir, err = a.preCopy(ctx, pageSend, lc, work, req, m, report); err != nil {
-			if cause := context.Cause(ctx); errors.Is(cause, ErrCanceled) {
-				err = cause
-			}
 			return nil, fmt.Errorf("pre-copy: %w", err)
 		}
 	}
@@ -572,7 +568,7 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 	if postcopy {
 		// The tunnel is up before the restore: the peer's lazy-pages
 		// daemon connects while the restore runs.
-		if tunnel, err = a.openTunnel(tctx, peer.FerryClient, id, lazy.conn, pace, &pages); err != nil {
+		if tunnel, err = openTunnelStream(tctx, peer.FerryClient, id, lazy.conn, pace, &pages); err != nil {
 			return nil, fmt.Errorf("page tunnel: %w", err)
 		}
 	}

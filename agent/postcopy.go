@@ -73,28 +73,50 @@ func (a *Agent) startLazyDump(ctx context.Context, lc *libcontainer.Container, i
 				LazyPages: true, StatusFd: -1, PageServer: libcontainer.CriuPageServerInfo{Address: "127.0.0.1", Port: lazyPort}})
 		})
 	}()
-	// The page server listens once the dump is written; poll for it.
-	deadline := time.Now().Add(5 * time.Minute)
+	// The page server listens once the dump is written.
+	c, err := dialWhenListening(ctx, ns, d.done, 5*time.Minute)
+	var ended *endedEarly
+	switch {
+	case errors.As(err, &ended):
+		if ended.err == nil {
+			ended.err = errors.New("CRIU ended without serving the pages")
+		}
+		return nil, fmt.Errorf("dump: %w%s", ended.err, criuLogTail(filepath.Join(work, "dump.log")))
+	case err != nil:
+		return nil, errors.Join(fmt.Errorf("dump: CRIU's page server: %w", err), d.abort())
+	}
+	d.conn = c
+	return d, nil
+}
+
+// endedEarly is dialWhenListening's error when the process that was to
+// listen ended first; err is how it ended.
+type endedEarly struct{ err error }
+
+func (e *endedEarly) Error() string { return fmt.Sprintf("ended before it listened: %v", e.err) }
+
+// dialWhenListening connects to lazyAddr in ns as soon as a CRIU server
+// there listens: it takes one connection, so the dial that succeeds is the
+// one to use. It gives up when ended yields (that process's end, as an
+// *endedEarly), when ctx ends, or after within.
+func dialWhenListening(ctx context.Context, ns *privnet.NS, ended <-chan error, within time.Duration) (net.Conn, error) {
+	deadline := time.Now().Add(within)
 	for {
 		select {
-		case err := <-d.done:
-			if err == nil {
-				err = errors.New("CRIU ended without serving the pages")
-			}
-			return nil, fmt.Errorf("dump: %w%s", err, criuLogTail(filepath.Join(work, "dump.log")))
+		case err := <-ended:
+			return nil, &endedEarly{err: err}
 		case <-ctx.Done():
-			return nil, errors.Join(ctx.Err(), d.abort())
+			return nil, ctx.Err()
 		default:
 		}
 		dctx, cancel := context.WithTimeout(ctx, time.Second)
 		c, err := ns.Dial(dctx, lazyAddr)
 		cancel()
 		if err == nil {
-			d.conn = c
-			return d, nil
+			return c, nil
 		}
 		if time.Now().After(deadline) {
-			return nil, errors.Join(fmt.Errorf("dump: CRIU's page server did not listen within 5 minutes: %w", err), d.abort())
+			return nil, fmt.Errorf("not listening within %s: %w", within, err)
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
@@ -136,11 +158,6 @@ func criuLogTail(path string) string {
 		b = b[len(b)-600:]
 	}
 	return " (" + filepath.Base(path) + ": ..." + string(b) + ")"
-}
-
-// openTunnel opens the source's end of a PageTunnel and pumps conn through it.
-func (a *Agent) openTunnel(ctx context.Context, peer api.FerryClient, id string, conn net.Conn, pace *pacer, sent *atomic.Int64) (<-chan error, error) {
-	return openTunnelStream(ctx, peer, id, conn, pace, sent)
 }
 
 // openTunnelStream opens a PageTunnel (its metadata: the migration, and

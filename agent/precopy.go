@@ -255,28 +255,14 @@ func (a *Agent) servePages(ctx context.Context, in *incoming, recv func() (*api.
 		_ = a.abortIncoming(in, "page server: "+err.Error())
 		return err
 	}
-	// The page server takes one connection: the first dial that succeeds
-	// is the one the tunnel uses.
-	var conn net.Conn
-	deadline := time.Now().Add(30 * time.Second)
-	for conn == nil {
-		select {
-		case err := <-exited:
-			return fail(fmt.Errorf("criu page-server ended before it listened: %w%s", err, logTail()))
-		default:
-		}
-		dctx, cancel := context.WithTimeout(ctx, time.Second)
-		c, err := in.pageNS.Dial(dctx, lazyAddr)
-		cancel()
-		if err == nil {
-			conn = c
-			break
-		}
-		if time.Now().After(deadline) {
-			_ = cmd.Process.Kill()
-			return fail(fmt.Errorf("criu page-server did not listen within 30s (%w)%s", <-exited, logTail()))
-		}
-		time.Sleep(2 * time.Millisecond)
+	conn, err := dialWhenListening(ctx, in.pageNS, exited, 30*time.Second)
+	var ended *endedEarly
+	switch {
+	case errors.As(err, &ended):
+		return fail(fmt.Errorf("criu page-server ended before it listened: %w%s", ended.err, logTail()))
+	case err != nil:
+		_ = cmd.Process.Kill()
+		return fail(fmt.Errorf("criu page-server: %w (%w)%s", err, <-exited, logTail()))
 	}
 	in.touch()
 	perr := pump(conn, send, func() (*api.TunnelChunk, error) {

@@ -229,6 +229,14 @@ func (d *daemon) stop() {
 	d.cmd = nil
 }
 
+// restartWith kills ferryd -9 and starts it again with these failpoints
+// ("" for none); its containers run on.
+func (d *daemon) restartWith(failpoints string) {
+	d.kill9()
+	d.failpoints = failpoints
+	d.start()
+}
+
 // ctl runs ferryctl against this daemon (for at most a minute).
 func (d *daemon) ctl(args ...string) (stdout, stderr string, code int) {
 	return d.ctlWithin(time.Minute, args...)

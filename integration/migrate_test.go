@@ -624,9 +624,7 @@ func TestMigrateFailuresRollBack(t *testing.T) {
 		p.b.assertNoTrace(t, "srv")
 	})
 	t.Run("restore fails on the peer", func(t *testing.T) {
-		p.b.kill9()
-		p.b.failpoints = "peer-restore"
-		p.b.start()
+		p.b.restartWith("peer-restore")
 		migrateFails(t, p, "srv", "injected failure", "rolled_back")
 		assertIntactOnA(t, p, "srv", before)
 		p.b.assertNoTrace(t, "srv")
@@ -635,9 +633,7 @@ func TestMigrateFailuresRollBack(t *testing.T) {
 		// B holds the restore (failpoint) and dies in it: A cannot know
 		// whether B runs the container, so it stays frozen until B answers;
 		// B's restart removes the never-confirmed copy and A thaws.
-		p.b.kill9()
-		p.b.failpoints = "peer-restore=sleep"
-		p.b.start()
+		p.b.restartWith("peer-restore=sleep")
 		done := migrateInBackground(p, "srv")
 		waitPhase(t, p.a, "restore", 30*time.Second)
 		time.Sleep(300 * time.Millisecond) // into the held restore
@@ -654,9 +650,7 @@ func TestMigrateFailuresRollBack(t *testing.T) {
 		p.b.assertNoTrace(t, "srv")
 	})
 	t.Run("peer killed mid-transfer", func(t *testing.T) {
-		p.b.kill9()
-		p.b.failpoints = "peer-receive=sleep"
-		p.b.start()
+		p.b.restartWith("peer-receive=sleep")
 		done := make(chan string, 1)
 		go func() {
 			out, errOut, _ := p.a.ctl("migrate", "srv", "--to", p.addrB)
@@ -696,9 +690,7 @@ func TestMigrateFailuresRollBack(t *testing.T) {
 		}
 	})
 	// Finally it moves for real.
-	p.b.kill9()
-	p.b.failpoints = ""
-	p.b.start()
+	p.b.restartWith("")
 	p.a.mustCtl("migrate", "srv", "--to", p.addrB)
 	if c := p.b.inspect("srv"); c.State != "running" || c.IP != before.IP {
 		t.Fatalf("after the last migration B has %s %s", c.State, c.IP)
@@ -794,9 +786,7 @@ func TestMigrateSourceKilled(t *testing.T) {
 	}
 
 	t.Run("mid-transfer", func(t *testing.T) {
-		p.b.kill9()
-		p.b.failpoints = "peer-receive=sleep"
-		p.b.start()
+		p.b.restartWith("peer-receive=sleep")
 		go func() { _, _, _ = p.a.ctl("migrate", "srv", "--to", p.addrB) }()
 		waitPhase("transfer")
 		p.a.kill9()
@@ -815,9 +805,7 @@ func TestMigrateSourceKilled(t *testing.T) {
 		}
 	})
 	t.Run("after the confirmation", func(t *testing.T) {
-		p.a.kill9()
-		p.a.failpoints = "source-after-confirm=sleep"
-		p.a.start()
+		p.a.restartWith("source-after-confirm=sleep")
 		go func() { _, _, _ = p.a.ctl("migrate", "srv", "--to", p.addrB) }()
 		deadline := time.Now().Add(30 * time.Second)
 		for {
@@ -830,9 +818,7 @@ func TestMigrateSourceKilled(t *testing.T) {
 			time.Sleep(50 * time.Millisecond)
 		}
 		time.Sleep(200 * time.Millisecond) // A is now asleep in the failpoint, after the confirmation
-		p.a.kill9()
-		p.a.failpoints = ""
-		p.a.start()
+		p.a.restartWith("")
 		deadline = time.Now().Add(30 * time.Second)
 		for {
 			if _, errOut, _ := p.a.ctl("inspect", "srv"); grpcCode(errOut) == "NotFound" {
@@ -1063,9 +1049,7 @@ func TestMigrateCancel(t *testing.T) {
 	before := p.a.inspect("srv")
 	waitCountAbove(t, p.a, "srv", 2, 10*time.Second)
 
-	p.b.kill9()
-	p.b.failpoints = "peer-prepare=sleep"
-	p.b.start()
+	p.b.restartWith("peer-prepare=sleep")
 	done := migrateInBackground(p, "srv", "--id", "m-cancel-1")
 	waitPhase(t, p.a, "prepare", 30*time.Second)
 	out := p.a.mustCtl("migrations", "cancel", "m-cancel-1")
@@ -1088,9 +1072,7 @@ func TestMigrateCancel(t *testing.T) {
 	}
 
 	// Frozen (the peer holds the transfer): refused.
-	p.b.kill9()
-	p.b.failpoints = "peer-receive=sleep"
-	p.b.start()
+	p.b.restartWith("peer-receive=sleep")
 	done = migrateInBackground(p, "srv", "--id", "m-cancel-2")
 	waitPhase(t, p.a, "transfer", 30*time.Second)
 	if _, errOut, _ := p.a.ctl("migrations", "cancel", "m-cancel-2"); grpcCode(errOut) != "FailedPrecondition" || !strings.Contains(errOut, "frozen") {
