@@ -17,8 +17,10 @@ import (
 // Gratuitous ARP: announceRounds rounds, announceGap apart; each round sends
 // a request and a reply with sender = target = the address (RFC 5227's
 // announcement, and the reply form some stacks prefer). The first round
-// already updates every bridge's forwarding table on the way; the later
-// ones cover a lost frame.
+// already updates every bridge's forwarding table on the way, so it is the
+// only one the caller waits for: the later ones, which only cover a lost
+// frame, go out in the background (a migration's restore would otherwise
+// wait 100 ms for them with the container frozen).
 const (
 	announceRounds = 3
 	announceGap    = 50 * time.Millisecond
@@ -27,6 +29,8 @@ const (
 // Announce sends gratuitous ARP from inside container id's netns, on its
 // eth0, so bridges and switches learn the MAC's new port and neighbours
 // refresh their entries at once. The endpoint must be active (not standby).
+// It returns once the first round is sent; the repeats follow in the
+// background and stop if the endpoint goes to standby or away.
 func (m *Manager) Announce(ctx context.Context, id string) error {
 	m.all.RLock()
 	defer m.all.RUnlock()
@@ -34,7 +38,43 @@ func (m *Manager) Announce(ctx context.Context, id string) error {
 	return m.announce(ctx, id)
 }
 
+// announce sends the first round and starts the repeats; the caller holds
+// the locks.
 func (m *Manager) announce(ctx context.Context, id string) error {
+	if err := m.announceRound(ctx, id); err != nil {
+		return err
+	}
+	m.bg.Add(1)
+	go func() {
+		defer m.bg.Done()
+		for round := 1; round < announceRounds; round++ {
+			select {
+			case <-m.closing:
+				return
+			case <-time.After(announceGap):
+			}
+			if err := m.repeatAnnouncement(id); err != nil {
+				m.log.Debug("netsetup: announcement repeat", "container", id, "err", err)
+				return
+			}
+		}
+	}()
+	return nil
+}
+
+// repeatAnnouncement sends one more round if id is still active.
+func (m *Manager) repeatAnnouncement(id string) error {
+	m.all.RLock()
+	defer m.all.RUnlock()
+	defer m.ids.lock(id)()
+	return m.announceRound(context.Background(), id)
+}
+
+// announceRound sends one round of the announcement.
+func (m *Manager) announceRound(ctx context.Context, id string) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("announce %q: %w", id, err)
+	}
 	s, err := m.st.read()
 	if err != nil {
 		return err
@@ -64,22 +104,12 @@ func (m *Manager) announce(ctx context.Context, id string) error {
 	mac := MACFor(rec.IP)
 	dst := &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ARP), Ifindex: ifindex, Halen: 6,
 		Addr: [8]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}}
-	frames := [][]byte{garpFrame(mac, rec.IP, arpRequest), garpFrame(mac, rec.IP, arpReply)}
-	for round := 0; round < announceRounds; round++ {
-		if round > 0 {
-			select {
-			case <-ctx.Done():
-				return fmt.Errorf("announce %q: %w", id, ctx.Err())
-			case <-time.After(announceGap):
-			}
-		}
-		for _, f := range frames {
-			if err := unix.Sendto(fd, f, 0, dst); err != nil {
-				return &OpError{Op: "send gratuitous ARP", ID: id, Link: containerIf, Addr: rec.IP.String(), Err: err}
-			}
+	for _, f := range [][]byte{garpFrame(mac, rec.IP, arpRequest), garpFrame(mac, rec.IP, arpReply)} {
+		if err := unix.Sendto(fd, f, 0, dst); err != nil {
+			return &OpError{Op: "send gratuitous ARP", ID: id, Link: containerIf, Addr: rec.IP.String(), Err: err}
 		}
 	}
-	m.log.Debug("netsetup: announced", "container", id, "ip", rec.IP, "mac", mac)
+	m.log.Debug("netsetup: announced", "container", id, "ip", rec.IP, "mac", mac.String())
 	return nil
 }
 

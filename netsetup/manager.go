@@ -31,6 +31,9 @@ type Manager struct {
 
 	all sync.RWMutex // Reconcile takes it exclusively, every other operation shared
 	ids keyedMutex   // one operation per container id at a time
+
+	bg      sync.WaitGroup // announcement repeats
+	closing chan struct{}  // closed by Close
 }
 
 // Endpoint is a container's network attachment.
@@ -77,6 +80,7 @@ func New(cfg Config, log *slog.Logger) (_ *Manager, retErr error) {
 		log:      log,
 		st:       &store{dir: cfg.StateDir},
 		netnsDir: filepath.Join(cfg.RunDir, netnsSubdir),
+		closing:  make(chan struct{}),
 	}
 	nsPath := cfg.HostNetns
 	if nsPath == "" {
@@ -116,9 +120,15 @@ func New(cfg Config, log *slog.Logger) (_ *Manager, retErr error) {
 	return m, nil
 }
 
-// Close releases the manager's handles. It leaves every endpoint and the
-// bridge in place.
+// Close stops the announcement repeats and releases the manager's handles.
+// It leaves every endpoint and the bridge in place.
 func (m *Manager) Close() {
+	select {
+	case <-m.closing:
+	default:
+		close(m.closing)
+	}
+	m.bg.Wait()
 	if m.host != nil {
 		m.host.Close()
 		m.host = nil

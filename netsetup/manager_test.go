@@ -12,6 +12,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -575,4 +576,79 @@ func unmountIfMounted(p string) error {
 		return err
 	}
 	return nil
+}
+
+// TestAnnouncementRepeatsInBackground: Announce returns once its first round
+// (a request and a reply) is out; the two repeats follow announceGap apart
+// on their own. The frames are caught, with the kernel's receive
+// timestamps, on the host end of the container's veth.
+func TestAnnouncementRepeatsInBackground(t *testing.T) {
+	root := testRoot(t)
+	h := newTestHost(t, root, "a", testSubnet, rangeA)
+	ep := h.setup(t, "web", SetupOptions{})
+	defer h.teardown(t, "web")
+	ip := ep.IP.Addr()
+
+	var fd int
+	if err := inNetns(h.netns, func() error {
+		var err error
+		// ETH_P_ALL: a bridge port's frames go to the bridge before any
+		// handler of a single protocol could see them.
+		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ALL)))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = unix.Close(fd) }()
+	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: h.link(t, ep.HostVeth).Attrs().Index}); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TIMESTAMPNS, 1); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Usec: 100_000}); err != nil {
+		t.Fatal(err)
+	}
+
+	if err := h.m.Announce(t.Context(), "web"); err != nil {
+		t.Fatal(err)
+	}
+	returned := time.Now()
+	// Every gratuitous frame for ip (sender = target = ip) within 1 s.
+	var at []time.Time
+	buf, oob := make([]byte, 1500), make([]byte, 128)
+	for deadline := time.Now().Add(time.Second); time.Now().Before(deadline); {
+		n, oobn, _, _, err := unix.Recvmsg(fd, buf, oob, 0)
+		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n < 42 || buf[12] != 0x08 || buf[13] != 0x06 { // not ARP
+			continue
+		}
+		a := buf[14:n]
+		if netip.AddrFrom4([4]byte(a[14:18])) != ip || netip.AddrFrom4([4]byte(a[24:28])) != ip {
+			continue
+		}
+		cms, err := unix.ParseSocketControlMessage(oob[:oobn])
+		if err != nil || len(cms) == 0 || cms[0].Header.Type != unix.SO_TIMESTAMPNS {
+			t.Fatalf("no receive timestamp: %v %v", cms, err)
+		}
+		ts := *(*unix.Timespec)(unsafe.Pointer(&cms[0].Data[0]))
+		at = append(at, time.Unix(ts.Unix()))
+	}
+	if len(at) != 2*announceRounds {
+		t.Fatalf("%d gratuitous ARP frames, want %d (%d rounds of a request and a reply)", len(at), 2*announceRounds, announceRounds)
+	}
+	for r := 1; r < announceRounds; r++ {
+		if gap := at[2*r].Sub(at[2*(r-1)]); gap < announceGap*9/10 {
+			t.Errorf("round %d came %s after round %d, want about %s", r+1, gap, r, announceGap)
+		}
+	}
+	if !at[2].After(returned) {
+		t.Errorf("Announce returned at %s, after its second round (%s): it waited for the repeats",
+			returned.Format("15:04:05.000000"), at[2].Format("15:04:05.000000"))
+	}
 }

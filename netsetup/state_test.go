@@ -157,7 +157,7 @@ func TestIPAMMovedAddressStaysReserved(t *testing.T) {
 	if err := st.release(cfg, "web", true, "node-b"); err != nil {
 		t.Fatal(err)
 	}
-	m := &Manager{cfg: *cfg, st: st, log: discardLog()}
+	m := &Manager{closing: make(chan struct{}), cfg: *cfg, st: st, log: discardLog()}
 	if err := m.ReleaseMoved(t.Context(), "web"); err != nil {
 		t.Fatal(err)
 	}
