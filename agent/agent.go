@@ -683,6 +683,10 @@ func (a *Agent) Run(ctx context.Context, spec Spec) (_ *container, retErr error)
 		return nil, fmt.Errorf("container %q: ip %q, publish %v: networking is off on this node (no --bridge): %w", spec.Name, spec.IP, spec.Publish, ErrFailedPrecondition)
 	}
 	oci := OCISpec(&spec, merged, c.rec.Cgroup, netnsPath)
+	withCriuConf(oci, c.dir)
+	if err := writeCriuConf(c.dir, criuCall{}); err != nil {
+		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
+	}
 	cfg, err := LibcontainerConfig(oci, a.elastic.EffectiveSpec(spec.Resources))
 	if err != nil {
 		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
@@ -735,16 +739,49 @@ func (a *Agent) Run(ctx context.Context, spec Spec) (_ *container, retErr error)
 // startMonitor starts the container's monitor and waits for its report.
 // In a post-copy restore, the returned channel later yields how the page
 // transfer ended.
-func (a *Agent) startMonitor(ctx context.Context, dir string, restore restoreSource) (_ *initInfo, _ *exec.Cmd, _ <-chan error, retErr error) {
+func (a *Agent) startMonitor(ctx context.Context, dir string, restore restoreSource) (*initInfo, *exec.Cmd, <-chan error, error) {
+	m, err := a.spawnMonitor(dir, restore, false)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	return m.wait(ctx)
+}
+
+// monitorProc is a monitor that ferryd started and has not heard from yet.
+type monitorProc struct {
+	cmd       *exec.Cmd
+	replies   chan monitorReply
+	lazyEnded chan error
+	ctrl      *os.File // staged: the monitor waits for commands here
+}
+
+// spawnMonitor starts the container's monitor. A staged one (restores
+// only) gets ready up to the restore itself and then waits for
+// monitorProc.command.
+func (a *Agent) spawnMonitor(dir string, restore restoreSource, staged bool) (_ *monitorProc, retErr error) {
 	r, w, err := os.Pipe()
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("ready pipe: %w", err)
+		return nil, fmt.Errorf("ready pipe: %w", err)
 	}
-	cmd, err := monitorCommand(a.cfg.Self, dir, a.lcRoot, a.cfg.LogMax, restore, w)
+	var ctrlR, ctrlW *os.File
+	if staged {
+		if ctrlR, ctrlW, err = os.Pipe(); err != nil {
+			_ = w.Close()
+			_ = r.Close()
+			return nil, fmt.Errorf("control pipe: %w", err)
+		}
+		defer func() {
+			_ = ctrlR.Close()
+			if retErr != nil {
+				_ = ctrlW.Close()
+			}
+		}()
+	}
+	cmd, err := monitorCommand(a.cfg.Self, dir, a.lcRoot, a.cfg.LogMax, restore, w, ctrlR)
 	if err != nil {
 		_ = w.Close()
 		_ = r.Close()
-		return nil, nil, nil, err
+		return nil, err
 	}
 	err = cmd.Start()
 	_ = w.Close()
@@ -753,21 +790,14 @@ func (a *Agent) startMonitor(ctx context.Context, dir string, restore restoreSou
 	}
 	if err != nil {
 		_ = r.Close()
-		return nil, nil, nil, fmt.Errorf("start monitor: %w", err)
+		return nil, fmt.Errorf("start monitor: %w", err)
 	}
-	defer func() {
-		if retErr != nil {
-			_ = cmd.Process.Kill()
-			_ = cmd.Wait()
-		}
-	}()
 	if st, err := proc.StartTime(cmd.Process.Pid); err == nil {
 		_ = atomicfile.WriteJSON(filepath.Join(dir, monitorPidFile), monitorPid{Pid: cmd.Process.Pid, Start: st}, 0o600)
 	}
-	replies := make(chan monitorReply, 1)
-	var lazyEnded chan error
+	m := &monitorProc{cmd: cmd, replies: make(chan monitorReply, 1), ctrl: ctrlW}
 	if restore.lazy {
-		lazyEnded = make(chan error, 1)
+		m.lazyEnded = make(chan error, 1)
 	}
 	go func() {
 		defer func() { _ = r.Close() }()
@@ -776,33 +806,71 @@ func (a *Agent) startMonitor(ctx context.Context, dir string, restore restoreSou
 		if err := dec.Decode(&rep); err != nil {
 			rep.Error = "monitor ended without a report: " + tail(filepath.Join(dir, monitorLog), 512)
 		}
-		replies <- rep
-		if lazyEnded == nil || rep.Error != "" {
+		m.replies <- rep
+		if m.lazyEnded == nil || rep.Error != "" {
 			return
 		}
 		var end monitorReply
 		switch err := dec.Decode(&end); {
 		case err != nil:
-			lazyEnded <- errors.New("the monitor ended without reporting the page transfer: " + tail(filepath.Join(dir, monitorLog), 512))
+			m.lazyEnded <- errors.New("the monitor ended without reporting the page transfer: " + tail(filepath.Join(dir, monitorLog), 512))
 		case end.Lazy == nil:
-			lazyEnded <- errors.New("the monitor sent no page transfer outcome")
+			m.lazyEnded <- errors.New("the monitor sent no page transfer outcome")
 		case end.Lazy.Error != "":
-			lazyEnded <- errors.New(end.Lazy.Error)
+			m.lazyEnded <- errors.New(end.Lazy.Error)
 		default:
-			lazyEnded <- nil
+			m.lazyEnded <- nil
+		}
+	}()
+	return m, nil
+}
+
+// Commands to a staged monitor.
+const (
+	monitorImagesIn = 'i' // every image is in: start what needs them (criu lazy-pages)
+	monitorRestore  = 'r' // restore now
+)
+
+// command sends a staged monitor one command.
+func (m *monitorProc) command(c byte) error {
+	if _, err := m.ctrl.Write([]byte{c}); err != nil {
+		return fmt.Errorf("monitor: %w", err)
+	}
+	return nil
+}
+
+// wait waits for the monitor's report; on failure the monitor is gone when
+// it returns.
+func (m *monitorProc) wait(ctx context.Context) (_ *initInfo, _ *exec.Cmd, _ <-chan error, retErr error) {
+	defer func() {
+		if retErr != nil {
+			m.kill()
 		}
 	}()
 	select {
-	case rep := <-replies:
+	case rep := <-m.replies:
 		if rep.Error != "" {
 			return nil, nil, nil, errors.New(rep.Error)
 		}
-		return rep.Init, cmd, lazyEnded, nil
+		if m.ctrl != nil {
+			_ = m.ctrl.Close()
+		}
+		return rep.Init, m.cmd, m.lazyEnded, nil
 	case <-ctx.Done():
 		return nil, nil, nil, ctx.Err()
 	case <-time.After(60 * time.Second):
 		return nil, nil, nil, errors.New("monitor did not report within 60s")
 	}
+}
+
+// kill ends a monitor that did not (or will not) report success, and
+// reaps it.
+func (m *monitorProc) kill() {
+	if m.ctrl != nil {
+		_ = m.ctrl.Close()
+	}
+	_ = m.cmd.Process.Kill()
+	_ = m.cmd.Wait()
 }
 
 // criuPath is the criu binary ferryd runs.

@@ -16,6 +16,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/ferry-agent/ferry/agent/api"
 	"github.com/ferry-agent/ferry/internal/atomicfile"
 	"github.com/ferry-agent/ferry/internal/failpoint"
@@ -31,8 +33,9 @@ type incoming struct {
 	images   string
 	received bool
 	timer    *time.Timer
-	mode     string // stopcopy or postcopy
-	source   string // the source's node name
+	mode     string       // stopcopy or postcopy
+	source   string       // the source's node name
+	mon      *monitorProc // staged at the preparation; guarded by Agent.mu (takeMonitor)
 
 	// Post-copy only.
 	pageNS   *privnet.NS      // private loopback for the lazy-pages daemon
@@ -187,6 +190,9 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingReq
 			return nil, err
 		}
 	}
+	if err := writeCriuConf(c.dir, criuCall{}); err != nil {
+		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
+	}
 	if err := a.guardContainer(ctx, c); err != nil {
 		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
 	}
@@ -204,6 +210,17 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingReq
 			return nil, fmt.Errorf("container %q: %s: %w", spec.Name, mode, err)
 		}
 	}
+	// Everything of the restore that needs no image happens now, before
+	// the source freezes the container: the configuration, and a monitor
+	// that creates the container and waits (stageRestore).
+	if err := a.stageRestore(in); err != nil {
+		return nil, fmt.Errorf("container %q: restore: %w", spec.Name, err)
+	}
+	defer func() {
+		if retErr != nil {
+			in.mon.kill()
+		}
+	}()
 	in.timer = time.AfterFunc(incomingTimeout, func() {
 		if in.outcome != nil {
 			select {
@@ -227,6 +244,37 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingReq
 	a.mu.Unlock()
 	log.Info("incoming migration prepared", "ip", c.rec.IP)
 	return &api.PrepareIncomingResponse{NodeName: a.cfg.NodeName, CriuVersion: a.criuVersion}, nil
+}
+
+// stageRestore writes the restore's configuration and starts its monitor,
+// staged: it creates the container and gets ready, then waits for the
+// images (post-copy: to start criu lazy-pages) and for RestoreIncoming.
+func (a *Agent) stageRestore(in *incoming) error {
+	c := in.c
+	spec := c.rec.Spec
+	oci := OCISpec(&spec, overlayMerged(c.dir), c.rec.Cgroup, c.rec.Netns)
+	withCriuConf(oci, c.dir)
+	cfg, err := LibcontainerConfig(oci, a.elastic.EffectiveSpec(spec.Resources))
+	if err != nil {
+		return err
+	}
+	if err := atomicfile.WriteJSON(filepath.Join(c.dir, "config.json"), oci, 0o600); err != nil {
+		return err
+	}
+	if err := atomicfile.WriteJSON(filepath.Join(c.dir, lcConfigFile), cfg, 0o600); err != nil {
+		return err
+	}
+	rs := restoreSource{images: in.images}
+	if in.mode == migrate.ModePostCopy {
+		nsf, err := in.pageNS.File()
+		if err != nil {
+			return fmt.Errorf("post-copy: %w", err)
+		}
+		defer func() { _ = nsf.Close() }()
+		rs.lazy, rs.criu, rs.netns = true, a.criuPath(), nsf
+	}
+	in.mon, err = a.spawnMonitor(c.dir, rs, true)
+	return err
 }
 
 // partStream reads one part of an ImageChunk stream at a time.
@@ -344,6 +392,21 @@ func (a *Agent) ReceiveImages(id string, recv func() (*api.ImageChunk, error)) (
 		switch part {
 		case "":
 			in.received = true
+			if in.mode == migrate.ModePostCopy {
+				// The monitor starts criu lazy-pages, which reads the
+				// images, while the source opens the page tunnel and asks
+				// for the restore.
+				a.mu.Lock()
+				mon := in.mon
+				a.mu.Unlock()
+				if mon == nil {
+					return ps.n, fmt.Errorf("incoming migration %q: aborted meanwhile: %w", in.id, ErrFailedPrecondition)
+				}
+				if err := mon.command(monitorImagesIn); err != nil {
+					_ = a.abortIncoming(in, err.Error())
+					return ps.n, err
+				}
+			}
 			return ps.n, nil
 		case "images":
 			_, err = migrate.ExtractTree(ps, in.images, limits)
@@ -360,6 +423,16 @@ func (a *Agent) ReceiveImages(id string, recv func() (*api.ImageChunk, error)) (
 			return ps.n, fmt.Errorf("incoming %s: %s: %w", in.id, part, err)
 		}
 	}
+}
+
+// takeMonitor hands over the staged monitor to one caller: the restore or
+// the abort.
+func (in *incoming) takeMonitor(a *Agent) *monitorProc {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	m := in.mon
+	in.mon = nil
+	return m
 }
 
 // touch postpones the removal of an idle incoming migration.
@@ -397,46 +470,39 @@ func (a *Agent) RestoreIncoming(ctx context.Context, id string) (_ *api.RestoreI
 		}
 	}()
 	start := time.Now()
-	spec := c.rec.Spec
-	merged, err := mountOverlay(spec.Rootfs, c.dir)
-	if err != nil {
+	if _, err := mountOverlay(c.rec.Spec.Rootfs, c.dir); err != nil {
 		return nil, fmt.Errorf("container %q: rootfs: %w", c.name, err)
-	}
-	oci := OCISpec(&spec, merged, c.rec.Cgroup, c.rec.Netns)
-	cfg, err := LibcontainerConfig(oci, a.elastic.EffectiveSpec(spec.Resources))
-	if err != nil {
-		return nil, err
-	}
-	if err := atomicfile.WriteJSON(filepath.Join(c.dir, "config.json"), oci, 0o600); err != nil {
-		return nil, err
-	}
-	if err := atomicfile.WriteJSON(filepath.Join(c.dir, lcConfigFile), cfg, 0o600); err != nil {
-		return nil, err
 	}
 	if err := failpoint.Check("peer-restore"); err != nil {
 		return nil, fmt.Errorf("container %q: restore: %w", c.name, err)
 	}
+	lazy := in.mode == migrate.ModePostCopy
+	mon := in.takeMonitor(a) // from here on reaped by wait, or by the exit watcher below
+	if mon == nil {
+		return nil, fmt.Errorf("incoming migration %q: aborted meanwhile: %w", id, ErrFailedPrecondition)
+	}
+	if err := mon.command(monitorRestore); err != nil {
+		mon.kill()
+		return nil, fmt.Errorf("container %q: restore: %w", c.name, err)
+	}
+	// The address comes up on this node while CRIU restores, well before
+	// the tasks resume (the restore takes ~100 ms, this a few), so that the
+	// restored connections' first packets are not lost to a link that is
+	// still down (they would wait for a retransmit, ~1 s); the hold on TCP
+	// resets set at the preparation keeps early segments from ending
+	// connections whose sockets are not restored yet.
+	activated := make(chan error, 1)
 	if a.net != nil {
-		// The address comes up on this node before the restore, so the
-		// restored connections' first packets are not lost to a link that
-		// is still down (they would wait for a retransmit, ~1 s); the hold
-		// on TCP resets set at the preparation keeps early segments from
-		// ending connections whose sockets are not restored yet.
-		if err := a.net.Activate(ctx, c.name); err != nil {
-			return nil, fmt.Errorf("container %q: network: %w", c.name, err)
-		}
+		go func() { activated <- a.net.Activate(ctx, c.name) }()
+	} else {
+		activated <- nil
 	}
-	rs := restoreSource{images: in.images}
-	if lazy := in.mode == migrate.ModePostCopy; lazy {
-		nsf, err := in.pageNS.File()
-		if err != nil {
-			return nil, fmt.Errorf("container %q: post-copy: %w", c.name, err)
-		}
-		defer func() { _ = nsf.Close() }()
-		rs.lazy, rs.criu, rs.netns = true, a.criuPath(), nsf
+	ii, cmd, lazyEnded, err := mon.wait(ctx)
+	if aerr := <-activated; aerr != nil && err == nil {
+		err = fmt.Errorf("network: %w", aerr)
+		_ = unix.Kill(ii.Pid, unix.SIGKILL)
+		_ = cmd.Wait()
 	}
-	lazy := rs.lazy
-	ii, cmd, lazyEnded, err := a.startMonitor(ctx, c.dir, rs)
 	if a.net != nil && err == nil {
 		// Released after the reply: until then resets stay dropped, which
 		// is harmless once the sockets are back.
@@ -515,6 +581,9 @@ func (a *Agent) abortIncoming(in *incoming, reason string) error {
 	a.mu.Unlock()
 	in.timer.Stop()
 	a.log.Warn("incoming migration aborted", "container", in.c.name, "migration", in.id, "reason", reason)
+	if mon := in.takeMonitor(a); mon != nil {
+		mon.kill()
+	}
 	a.mu.Lock()
 	ii, exited := in.c.init, in.c.exited
 	a.mu.Unlock()

@@ -421,6 +421,25 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		return nil, err
 	}
 
+	// What libcontainer's options cannot say to CRIU, its configuration
+	// file for this container does (criuconf.go); written now, before the
+	// freeze, and put back to the default if the container stays here.
+	viaConf := usesCriuConf(lc, c.dir)
+	if viaConf {
+		if err := writeCriuConf(c.dir, criuCall{lazyPages: postcopy}); err != nil {
+			return nil, err
+		}
+		if postcopy {
+			defer func() {
+				if !confirmed {
+					if err := writeCriuConf(c.dir, criuCall{}); err != nil {
+						log.Warn("restore the CRIU configuration", "err", err)
+					}
+				}
+			}()
+		}
+	}
+
 	// Pre-copy rounds run while the container does (a cancel still stops
 	// them), each sending its pages through CRIU's page server as CRIU
 	// dumps them.
@@ -495,12 +514,23 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		}
 		log.Warn("migration rolled back; the container runs here again", "err", retErr)
 	}()
+	if a.net != nil {
+		// From here the address answers nowhere until the peer activates it
+		// (or the rollback here does): no segment reaches the sockets while
+		// CRIU dumps them, and none after, when this namespace could only
+		// reset the connections that move. This is the network lock CRIU's
+		// dump would otherwise take with iptables (criuconf.go).
+		deactivated = true // the rollback's Activate also mends a half-done Deactivate
+		if err := a.net.Deactivate(ctx, c.name); err != nil {
+			return nil, fmt.Errorf("network: %w", err)
+		}
+	}
 	report("dump")
 	dumpStart := time.Now()
 	criuWork := filepath.Join(work, "criu")
 	switch {
 	case postcopy:
-		lazy, err = a.startLazyDump(ctx, lc, images, criuWork)
+		lazy, err = a.startLazyDump(ctx, lc, images, criuWork, !viaConf)
 	case precopy:
 		var n int64
 		n, _, err = pageSend.dump(ctx, lc, images, criuWork, parentDir, libcontainer.CriuOpts{LeaveRunning: true, TcpEstablished: true, FileLocks: true})
@@ -534,14 +564,6 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 				log.Warn("the final dump did not use the pre-copy rounds", "err", err)
 			}
 		}
-	}
-	if a.net != nil {
-		// From here the address answers nowhere until the peer activates it:
-		// this namespace must not reset the connections that move.
-		if err := a.net.Deactivate(ctx, c.name); err != nil {
-			return nil, fmt.Errorf("network: %w", err)
-		}
-		deactivated = true
 	}
 
 	report("transfer")

@@ -77,9 +77,13 @@ type restoreSource struct {
 	lazy  bool
 	criu  string
 	netns *os.File
+	// Staged (the monitor's side): commands from ferryd, see
+	// monitorProc.command. The monitor creates the container and gets
+	// ready, then waits here; the freeze on the source comes meanwhile.
+	ctrl *os.File
 }
 
-func monitorCommand(self, dir, lcRoot string, logMax int64, restore restoreSource, ready *os.File) (*exec.Cmd, error) {
+func monitorCommand(self, dir, lcRoot string, logMax int64, restore restoreSource, ready, ctrl *os.File) (*exec.Cmd, error) {
 	out, err := os.OpenFile(filepath.Join(dir, monitorLog), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("monitor log: %w", err)
@@ -91,12 +95,17 @@ func monitorCommand(self, dir, lcRoot string, logMax int64, restore restoreSourc
 			args = append(args, "--lazy-pages", "--criu", restore.criu)
 		}
 	}
+	extra := []*os.File{ready} // fd 3
+	if restore.lazy {
+		extra = append(extra, restore.netns) // fd 4
+	}
+	if ctrl != nil {
+		args = append(args, "--staged", strconv.Itoa(3+len(extra)))
+		extra = append(extra, ctrl)
+	}
 	cmd := exec.Command(self, args...)
 	cmd.Stdout, cmd.Stderr = out, out
-	cmd.ExtraFiles = []*os.File{ready}
-	if restore.lazy {
-		cmd.ExtraFiles = append(cmd.ExtraFiles, restore.netns) // fd 4
-	}
+	cmd.ExtraFiles = extra
 	// Its own session: signals to ferryd's process group never reach it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	cmd.Env = append(os.Environ(), "GOGC=50")
@@ -115,6 +124,7 @@ func RunMonitor(args []string) int {
 	restore := fs.String("restore", "", "restore the container from these CRIU images instead of starting it")
 	lazy := fs.Bool("lazy-pages", false, "post-copy: run criu lazy-pages (work dir IMAGES-work) in the network namespace on fd 4 and restore the memory from it")
 	criu := fs.String("criu", "criu", "the criu binary, for --lazy-pages")
+	staged := fs.Int("staged", 0, "with --restore: get ready, then restore when fd N says so ('i': the images are in; 'r': restore; EOF: give up)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -140,6 +150,9 @@ func RunMonitor(args []string) int {
 	rs := restoreSource{images: *restore, lazy: *lazy, criu: *criu}
 	if *lazy {
 		rs.netns = os.NewFile(4, "netns")
+	}
+	if *staged > 0 && *restore != "" {
+		rs.ctrl = os.NewFile(uintptr(*staged), "ctrl")
 	}
 	code, err := monitor(*dir, *lcRoot, *logMax, rs, log,
 		func(ii *initInfo) { reply(monitorReply{Init: ii}, !*lazy) },
@@ -195,13 +208,33 @@ func monitor(dir, lcRoot string, logMax int64, restore restoreSource, log *slog.
 		Stdout: w, Stderr: w, Init: true,
 	}
 	var daemon *lazyDaemon
-	if restore.lazy {
-		if daemon, err = startLazyDaemon(restore, restore.images+"-work"); err != nil {
+	startDaemon := func() error {
+		if !restore.lazy || daemon != nil {
+			return nil
+		}
+		var err error
+		daemon, err = startLazyDaemon(restore, restore.images+"-work")
+		return err
+	}
+	// Whatever way the monitor leaves, the daemon goes too.
+	defer func() {
+		if daemon != nil {
+			daemon.stop()
+		}
+	}()
+	if restore.ctrl != nil {
+		// libcontainer asks CRIU for its version once per container
+		// object, at its first CRIU call: a restore without images makes
+		// it ask now, and fails right after (before anything is done).
+		_ = c.Restore(p, &libcontainer.CriuOpts{})
+		if err := awaitRestore(restore.ctrl, startDaemon); err != nil {
 			_ = w.Close()
 			return 0, errors.Join(err, c.Destroy())
 		}
-		// Whatever way the monitor leaves, the daemon goes too.
-		defer daemon.stop()
+	}
+	if err := startDaemon(); err != nil {
+		_ = w.Close()
+		return 0, errors.Join(err, c.Destroy())
 	}
 	if restore.images != "" {
 		// The restored tasks' stdout and stderr are re-attached to our pipe
@@ -287,3 +320,26 @@ func monitor(dir, lcRoot string, logMax int64, restore restoreSource, log *slog.
 }
 
 var _ io.Writer = (*cappedLog)(nil)
+
+// awaitRestore reads a staged monitor's commands until the one to restore;
+// imagesIn runs on monitorImagesIn. The pipe's end (ferryd gave up, or
+// died) is an error.
+func awaitRestore(ctrl *os.File, imagesIn func() error) error {
+	defer func() { _ = ctrl.Close() }()
+	b := make([]byte, 1)
+	for {
+		if _, err := io.ReadFull(ctrl, b); err != nil {
+			return fmt.Errorf("staged restore: ferryd gave up (%w)", err)
+		}
+		switch b[0] {
+		case monitorImagesIn:
+			if err := imagesIn(); err != nil {
+				return err
+			}
+		case monitorRestore:
+			return nil
+		default:
+			return fmt.Errorf("staged restore: unknown command %q", b[0])
+		}
+	}
+}

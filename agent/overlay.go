@@ -29,7 +29,7 @@ func (e *mountError) Unwrap() error { return e.err }
 // mountOverlay mounts lower (read-only) with the container's own upper layer
 // at dir/rootfs. dir/upper holds every write the container makes.
 func mountOverlay(lower, dir string) (string, error) {
-	upper, work, merged := filepath.Join(dir, "upper"), filepath.Join(dir, "work"), filepath.Join(dir, "rootfs")
+	upper, work, merged := filepath.Join(dir, "upper"), filepath.Join(dir, "work"), overlayMerged(dir)
 	for _, d := range []string{upper, work, merged} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return "", fmt.Errorf("overlay: %w", err)
@@ -48,7 +48,7 @@ func mountOverlay(lower, dir string) (string, error) {
 
 // unmountOverlay undoes mountOverlay; a target that is not mounted is fine.
 func unmountOverlay(dir string) error {
-	merged := filepath.Join(dir, "rootfs")
+	merged := overlayMerged(dir)
 	for i := 0; i < 50; i++ {
 		err := unix.Unmount(merged, unix.UMOUNT_NOFOLLOW)
 		switch {
@@ -66,3 +66,6 @@ func unmountOverlay(dir string) error {
 	}
 	return &mountError{op: "unmount", target: merged, err: errors.New("still mounted after 50 unmounts")}
 }
+
+// overlayMerged is where mountOverlay mounts dir's root file system.
+func overlayMerged(dir string) string { return filepath.Join(dir, "rootfs") }

@@ -38,9 +38,12 @@ import (
 //
 // Each namespace is the migration's own, so the one fixed port never
 // collides and nothing else on either host can reach the pages.
-const lazyPort = 2700
+const (
+	lazyHost = "127.0.0.1"
+	lazyPort = 2700
+)
 
-var lazyAddr = net.JoinHostPort("127.0.0.1", strconv.Itoa(lazyPort))
+var lazyAddr = net.JoinHostPort(lazyHost, strconv.Itoa(lazyPort))
 
 // lazyDump is the source's half: the dump serving pages until the peer
 // has them all.
@@ -52,8 +55,10 @@ type lazyDump struct {
 
 // startLazyDump dumps the (frozen) container with its memory left in
 // CRIU's page pipes, and returns once CRIU's page server takes the
-// connection ferryd will tunnel.
-func (a *Agent) startLazyDump(ctx context.Context, lc *libcontainer.Container, images, work string) (_ *lazyDump, retErr error) {
+// connection ferryd will tunnel. optLazy sets libcontainer's LazyPages and
+// PageServer options: false when the container's CRIU configuration file
+// says lazy-pages and where to serve instead (criuconf.go).
+func (a *Agent) startLazyDump(ctx context.Context, lc *libcontainer.Container, images, work string, optLazy bool) (_ *lazyDump, retErr error) {
 	ns, err := privnet.New()
 	if err != nil {
 		return nil, err
@@ -67,11 +72,12 @@ func (a *Agent) startLazyDump(ctx context.Context, lc *libcontainer.Container, i
 	go func() {
 		// CRIU (criu swrk) is started on this namespace's thread, so its
 		// page server listens there.
-		d.done <- ns.Do(func() error {
-			return lc.Checkpoint(&libcontainer.CriuOpts{ImagesDirectory: images, WorkDirectory: work,
-				LeaveRunning: true, TcpEstablished: true, FileLocks: true,
-				LazyPages: true, StatusFd: -1, PageServer: libcontainer.CriuPageServerInfo{Address: "127.0.0.1", Port: lazyPort}})
-		})
+		opts := &libcontainer.CriuOpts{ImagesDirectory: images, WorkDirectory: work,
+			LeaveRunning: true, TcpEstablished: true, FileLocks: true, StatusFd: -1}
+		if optLazy {
+			opts.LazyPages, opts.PageServer = true, libcontainer.CriuPageServerInfo{Address: lazyHost, Port: lazyPort}
+		}
+		d.done <- ns.Do(func() error { return lc.Checkpoint(opts) })
 	}()
 	// The page server listens once the dump is written.
 	c, err := dialWhenListening(ctx, ns, d.done, 5*time.Minute)

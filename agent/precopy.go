@@ -97,7 +97,7 @@ func (s *pageSender) close() {
 // the time the dump took.
 func (s *pageSender) dump(ctx context.Context, lc *libcontainer.Container, images, work, parent string, opts libcontainer.CriuOpts) (int64, time.Duration, error) {
 	opts.ImagesDirectory, opts.WorkDirectory = images, work
-	opts.PageServer = libcontainer.CriuPageServerInfo{Address: "127.0.0.1", Port: lazyPort}
+	opts.PageServer = libcontainer.CriuPageServerInfo{Address: lazyHost, Port: lazyPort}
 	if parent != "" {
 		opts.ParentImage = "../" + parent
 	}

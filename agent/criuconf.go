@@ -1,0 +1,85 @@
+package agent
+
+import (
+	"fmt"
+	"path/filepath"
+	"strings"
+
+	"github.com/opencontainers/runc/libcontainer"
+	"github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/ferry-agent/ferry/internal/atomicfile"
+)
+
+// CRIU options that libcontainer's CriuOpts do not carry go into a CRIU
+// configuration file of the container's own. libcontainer passes the file
+// named by the container's org.criu.config annotation to every CRIU call it
+// makes for the container (runc's documented way to set such options; the
+// default would be /etc/criu/runc.conf), and CRIU applies it over the
+// options of the call. ferryd rewrites the file before each call:
+//
+//   - network-lock skip: CRIU's own lock runs iptables-restore several times
+//     in the container's namespace on every dump (~50 ms with the container
+//     frozen, here). ferryd cuts the container's link itself (netsetup's
+//     Deactivate) right after the freeze, before the dump, and keeps it cut
+//     until the migration ends either way, which is the external lock CRIU's
+//     documentation asks for; a container without ferry's networking has a
+//     namespace with only lo, which nothing outside can reach. (On restore,
+//     CRIU takes the lock method from the dump's images, and it locks only a
+//     network namespace it restores itself; ferry's namespace is external.)
+//   - lazy-pages, address and port, for a post-copy dump: with
+//     CriuOpts.LazyPages libcontainer first runs a CRIU feature check, one
+//     more CRIU process probing the kernel inside the freeze; ferryd checked
+//     the feature at its start (MigrationFeatures) already. The page
+//     server's address and port go into the file too: given in the call
+//     (CriuOpts.PageServer) they would make CRIU, which reads the file
+//     after the call's options, push pages to a server instead. (CRIU then
+//     also listens on that address only, not on every one.)
+//
+// A container created before ferry wrote this file has no annotation: its
+// calls go the way libcontainer's options alone give (usesCriuConf), and
+// CRIU locks the network itself. The file is written before the freeze:
+// nothing of it costs time while the container is frozen.
+const (
+	criuConfAnnotation = "org.criu.config"
+	criuConfFile       = "criu.conf"
+)
+
+// withCriuConf names dir's CRIU configuration file in the spec.
+func withCriuConf(o *specs.Spec, dir string) {
+	if o.Annotations == nil {
+		o.Annotations = map[string]string{}
+	}
+	o.Annotations[criuConfAnnotation] = filepath.Join(dir, criuConfFile)
+}
+
+// criuCall is what the CRIU configuration file says for one call.
+type criuCall struct {
+	lazyPages bool // a post-copy dump, serving pages on lazyAddr
+}
+
+// writeCriuConf writes dir's CRIU configuration file for the next call.
+func writeCriuConf(dir string, call criuCall) error {
+	var b strings.Builder
+	b.WriteString("# Written by ferryd before each CRIU call for this container; see agent/criuconf.go.\n")
+	b.WriteString("network-lock skip\n")
+	if call.lazyPages {
+		fmt.Fprintf(&b, "lazy-pages\naddress %s\nport %d\n", lazyHost, lazyPort)
+	}
+	if err := atomicfile.Write(filepath.Join(dir, criuConfFile), []byte(b.String()), 0o600); err != nil {
+		return fmt.Errorf("CRIU configuration: %w", err)
+	}
+	return nil
+}
+
+// usesCriuConf tells whether lc's CRIU calls read the configuration file in
+// dir (the container was created with the annotation).
+func usesCriuConf(lc *libcontainer.Container, dir string) bool {
+	want := criuConfAnnotation + "=" + filepath.Join(dir, criuConfFile)
+	for _, l := range lc.Config().Labels {
+		if l == want {
+			return true
+		}
+	}
+	return false
+}
