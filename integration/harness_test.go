@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -450,6 +451,40 @@ func (d *daemon) assertNoTrace(t testing.TB, name string) {
 		if _, err := os.Stat(p); err == nil {
 			t.Errorf("container %s: %s left behind", name, p)
 		}
+	}
+	// No monitor of the container (its command line names the container's
+	// directory), and no CRIU process of a migration (lazy-pages daemons,
+	// page servers, dumps: they name a directory under migrations/).
+	// Killed processes take a moment to go.
+	for _, s := range []string{filepath.Join(d.root, "containers", name) + "\x00", filepath.Join(d.runDir, "migrations") + "/"} {
+		if ps := processesWaitGone(s, 3*time.Second); len(ps) > 0 {
+			t.Errorf("container %s: processes left behind: %v", name, ps)
+		}
+	}
+}
+
+// processesWaitGone returns the live processes whose command line contains
+// s once none is left, or after within.
+func processesWaitGone(s string, within time.Duration) []string {
+	deadline := time.Now().Add(within)
+	for {
+		var out []string
+		ents, _ := os.ReadDir("/proc")
+		for _, e := range ents {
+			pid, err := strconv.Atoi(e.Name())
+			if err != nil || pid == os.Getpid() {
+				continue
+			}
+			b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+			if err != nil || !bytes.Contains(b, []byte(s)) || !pidAlive(pid) {
+				continue
+			}
+			out = append(out, fmt.Sprintf("%d %s", pid, strings.ReplaceAll(string(bytes.TrimRight(b, "\x00")), "\x00", " ")))
+		}
+		if len(out) == 0 || time.Now().After(deadline) {
+			return out
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 
