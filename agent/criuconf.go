@@ -83,3 +83,22 @@ func usesCriuConf(lc *libcontainer.Container, dir string) bool {
 	}
 	return false
 }
+
+// warmCriuVersion has libcontainer ask CRIU for its version now, before a
+// freeze: it asks once per container object, at the object's first CRIU
+// call, with a CRIU process of its own. A checkpoint without an image
+// directory asks and then fails at once, before it does anything.
+func warmCriuVersion(lc *libcontainer.Container) {
+	_ = lc.Checkpoint(&libcontainer.CriuOpts{})
+}
+
+// criuCgroups is the CriuOpts.ManageCgroupsMode of every CRIU call: CRIU
+// leaves cgroups alone. libcontainer creates the container's cgroups, sets
+// their limits and puts CRIU itself into them before a restore, so the
+// restored tasks land there; CRIU's own cgroup work (mounting a cgroup
+// "yard" of every hierarchy, restoring properties it then skips for
+// cgroups that exist) cost ~15 ms of the freeze here. A ferry container
+// has no cgroups of its own to carry along: its /sys/fs/cgroup is mounted
+// read-only (one given CAP_SYS_ADMIN could remount it; its sub-cgroups
+// would not move).
+const criuCgroups = "ignore"

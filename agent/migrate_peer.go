@@ -392,24 +392,14 @@ func (a *Agent) ReceiveImages(id string, recv func() (*api.ImageChunk, error)) (
 		switch part {
 		case "":
 			in.received = true
-			if in.mode == migrate.ModePostCopy {
-				// The monitor starts criu lazy-pages, which reads the
-				// images, while the source opens the page tunnel and asks
-				// for the restore.
-				a.mu.Lock()
-				mon := in.mon
-				a.mu.Unlock()
-				if mon == nil {
-					return ps.n, fmt.Errorf("incoming migration %q: aborted meanwhile: %w", in.id, ErrFailedPrecondition)
-				}
-				if err := mon.command(monitorImagesIn); err != nil {
-					_ = a.abortIncoming(in, err.Error())
-					return ps.n, err
-				}
-			}
 			return ps.n, nil
 		case "images":
-			_, err = migrate.ExtractTree(ps, in.images, limits)
+			if _, err = migrate.ExtractTree(ps, in.images, limits); err == nil && in.mode == migrate.ModePostCopy {
+				// criu lazy-pages needs the images only: the monitor starts
+				// it while the rest comes in, the source opens the page
+				// tunnel and asks for the restore.
+				err = a.imagesIn(in)
+			}
 		case "upper":
 			_, err = migrate.ExtractTree(ps, filepath.Join(in.c.dir, "upper"), limits)
 		case "log":
@@ -423,6 +413,17 @@ func (a *Agent) ReceiveImages(id string, recv func() (*api.ImageChunk, error)) (
 			return ps.n, fmt.Errorf("incoming %s: %s: %w", in.id, part, err)
 		}
 	}
+}
+
+// imagesIn tells the staged monitor that every CRIU image is in.
+func (a *Agent) imagesIn(in *incoming) error {
+	a.mu.Lock()
+	mon := in.mon
+	a.mu.Unlock()
+	if mon == nil {
+		return fmt.Errorf("incoming migration %q: aborted meanwhile: %w", in.id, ErrFailedPrecondition)
+	}
+	return mon.command(monitorImagesIn)
 }
 
 // takeMonitor hands over the staged monitor to one caller: the restore or

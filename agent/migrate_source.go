@@ -355,6 +355,7 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 	if err != nil {
 		return nil, fmt.Errorf("container %q: %w", c.name, err)
 	}
+	warmCriuVersion(lc)
 	unfit := postcopyFits(lc, pred.MemoryBytes, rec.Spec.Resources.Ceiling.Memory)
 	mode, reason, err := a.chooseMode(requested, a.MigrationFeatures(), v.GetFeatures(), v.NodeName, pred, unfit)
 	if err != nil {
@@ -533,7 +534,7 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		lazy, err = a.startLazyDump(ctx, lc, images, criuWork, !viaConf)
 	case precopy:
 		var n int64
-		n, _, err = pageSend.dump(ctx, lc, images, criuWork, parentDir, libcontainer.CriuOpts{LeaveRunning: true, TcpEstablished: true, FileLocks: true})
+		n, _, err = pageSend.dump(ctx, lc, images, criuWork, parentDir, libcontainer.CriuOpts{LeaveRunning: true, TcpEstablished: true, FileLocks: true, ManageCgroupsMode: criuCgroups})
 		m.BytesSent += n
 		if err != nil {
 			err = fmt.Errorf("dump: %w", err)
@@ -545,7 +546,7 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		// much memory copy-on-write then failed to restore on a small
 		// node; not understood yet.)
 		err = lc.Checkpoint(&libcontainer.CriuOpts{ImagesDirectory: images, WorkDirectory: criuWork,
-			LeaveRunning: true, TcpEstablished: true, FileLocks: true})
+			LeaveRunning: true, TcpEstablished: true, FileLocks: true, ManageCgroupsMode: criuCgroups})
 		if err != nil {
 			err = fmt.Errorf("dump: %w%s", err, criuLogTail(filepath.Join(criuWork, "dump.log")))
 		}

@@ -224,8 +224,8 @@ func monitor(dir, lcRoot string, logMax int64, restore restoreSource, log *slog.
 	}()
 	if restore.ctrl != nil {
 		// libcontainer asks CRIU for its version once per container
-		// object, at its first CRIU call: a restore without images makes
-		// it ask now, and fails right after (before anything is done).
+		// object, at its first CRIU call (see warmCriuVersion): a restore
+		// without images makes it ask now, and fails right after.
 		_ = c.Restore(p, &libcontainer.CriuOpts{})
 		if err := awaitRestore(restore.ctrl, startDaemon); err != nil {
 			_ = w.Close()
@@ -241,7 +241,7 @@ func monitor(dir, lcRoot string, logMax int64, restore restoreSource, log *slog.
 		// (libcontainer maps the dumped pipes to the process's stdio).
 		err = c.Restore(p, &libcontainer.CriuOpts{
 			ImagesDirectory: restore.images, WorkDirectory: restore.images + "-work",
-			TcpEstablished: true, FileLocks: true, LazyPages: restore.lazy, StatusFd: -1,
+			TcpEstablished: true, FileLocks: true, LazyPages: restore.lazy, StatusFd: -1, ManageCgroupsMode: criuCgroups,
 		})
 		if err != nil {
 			_ = w.Close()

@@ -73,7 +73,7 @@ func (a *Agent) startLazyDump(ctx context.Context, lc *libcontainer.Container, i
 		// CRIU (criu swrk) is started on this namespace's thread, so its
 		// page server listens there.
 		opts := &libcontainer.CriuOpts{ImagesDirectory: images, WorkDirectory: work,
-			LeaveRunning: true, TcpEstablished: true, FileLocks: true, StatusFd: -1}
+			LeaveRunning: true, TcpEstablished: true, FileLocks: true, StatusFd: -1, ManageCgroupsMode: criuCgroups}
 		if optLazy {
 			opts.LazyPages, opts.PageServer = true, libcontainer.CriuPageServerInfo{Address: lazyHost, Port: lazyPort}
 		}

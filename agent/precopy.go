@@ -184,7 +184,7 @@ func (a *Agent) preCopy(ctx context.Context, s *pageSender, lc *libcontainer.Con
 		dir := fmt.Sprintf("pre-%d", i)
 		images := filepath.Join(work, dir)
 		started := time.Now()
-		bytes, took, err := s.dump(ctx, lc, images, images+"-work", parent, libcontainer.CriuOpts{PreDump: true})
+		bytes, took, err := s.dump(ctx, lc, images, images+"-work", parent, libcontainer.CriuOpts{PreDump: true, ManageCgroupsMode: criuCgroups})
 		if err != nil {
 			return "", fmt.Errorf("round %d: %w", i, err)
 		}

@@ -349,6 +349,9 @@ func migrateLive(t testing.TB, p *migrationPair, mode string, flags ...string) m
 	if _, err := os.Stat(filepath.Join(p.b.bpfRoot, "srv")); err != nil {
 		t.Errorf("no sysctl guard pinned for srv on B: %v", err)
 	}
+	// Every restored process is in the container's cgroups on B (CRIU
+	// leaves cgroups to libcontainer, which puts CRIU there first).
+	assertTreeInCgroup(t, after.Pid, filepath.Join(p.b.cgParent, "srv"))
 	// The counter went on (no restart) and the log came along.
 	if c := waitCountAbove(t, p.b, "srv", countBefore, 10*time.Second); c <= countBefore {
 		t.Fatalf("count on B %d, was %d on A", c, countBefore)
@@ -1178,5 +1181,53 @@ func TestMigratePeerMessages(t *testing.T) {
 	p.b.assertNoTrace(t, "px")
 	if ents, _ := os.ReadDir(filepath.Join(p.b.runDir, "migrations")); len(ents) != 0 {
 		t.Errorf("B's migrations directory keeps %d entries", len(ents))
+	}
+}
+
+// assertTreeInCgroup fails t unless pid and every descendant of it are in
+// cgroup cg (a path below each hierarchy's root) in every hierarchy the
+// host has of "memory", "cpu", "pids", "freezer" and the unified one.
+func assertTreeInCgroup(t testing.TB, pid int, cg string) {
+	t.Helper()
+	pids := []int{pid}
+	for i := 0; i < len(pids); i++ {
+		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pids[i]))
+		for _, f := range tasks {
+			b, _ := os.ReadFile(f)
+			for _, w := range strings.Fields(string(b)) {
+				if c, err := strconv.Atoi(w); err == nil {
+					pids = append(pids, c)
+				}
+			}
+		}
+	}
+	if len(pids) < 2 {
+		t.Fatalf("pid %d has no children: the check would prove little", pid)
+	}
+	checked := 0
+	for _, h := range []string{"memory", "cpu", "pids", "freezer", "unified", ""} {
+		dir := filepath.Join("/sys/fs/cgroup", h)
+		if h == "" && !cgroupV2() {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(dir, cg, "cgroup.procs"))
+		if err != nil {
+			continue // not a hierarchy of this host
+		}
+		in := map[int]bool{}
+		for _, w := range strings.Fields(string(b)) {
+			if c, err := strconv.Atoi(w); err == nil {
+				in[c] = true
+			}
+		}
+		for _, p := range pids {
+			if !in[p] && pidAlive(p) { // a short-lived child may be gone by now
+				t.Errorf("pid %d (of %d's tree) is not in %s", p, pid, filepath.Join(dir, cg))
+			}
+		}
+		checked++
+	}
+	if checked == 0 {
+		t.Fatalf("no hierarchy has cgroup %s", cg)
 	}
 }
