@@ -199,6 +199,9 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 		}
 	}
 	a.criuVersion = criuVersion(cfg.CriuPath)
+	if why := kerndatCacheProblem(); why != "" {
+		log.Warn("CRIU probes the kernel anew on every call (~25 ms each, several inside a migration's freeze)", "reason", why)
+	}
 	policy, err := sysctlguard.NewPolicy(cfg.SysctlAllow)
 	if err != nil {
 		return nil, fmt.Errorf("sysctl-allow: %w", err)

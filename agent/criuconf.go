@@ -7,6 +7,7 @@ import (
 
 	"github.com/opencontainers/runc/libcontainer"
 	"github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 
 	"github.com/ferry-agent/ferry/internal/atomicfile"
 )
@@ -102,3 +103,18 @@ func warmCriuVersion(lc *libcontainer.Container) {
 // read-only (one given CAP_SYS_ADMIN could remount it; its sub-cgroups
 // would not move).
 const criuCgroups = "ignore"
+
+// kerndatCacheProblem says why CRIU cannot keep its cache of kernel probes
+// ("kerndat", /run/criu.kdat), or "". CRIU keeps it only on a tmpfs, so that
+// a reboot clears it: where /run is not one (systemd always mounts one),
+// every CRIU call probes the kernel again.
+func kerndatCacheProblem() string {
+	var st unix.Statfs_t
+	if err := unix.Statfs("/run", &st); err != nil {
+		return "/run: " + err.Error()
+	}
+	if st.Type != unix.TMPFS_MAGIC {
+		return "/run is not a tmpfs"
+	}
+	return ""
+}
