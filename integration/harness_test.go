@@ -74,6 +74,7 @@ type daemon struct {
 	// these on (FERRY_FAILPOINTS).
 	failpoints string
 	cmd        *exec.Cmd
+	nsBase     map[string]int // netnsHeld when it came up
 }
 
 // requireHost checks what every integration test needs.
@@ -188,6 +189,7 @@ func (d *daemon) start() {
 	deadline := time.Now().Add(15 * time.Second)
 	for time.Now().Before(deadline) {
 		if _, _, code := d.ctl("version"); code == 0 {
+			d.nsBase = d.netnsHeld()
 			return
 		}
 		time.Sleep(50 * time.Millisecond)
@@ -460,6 +462,54 @@ func (d *daemon) assertNoTrace(t testing.TB, name string) {
 		if ps := processesWaitGone(s, 3*time.Second); len(ps) > 0 {
 			t.Errorf("container %s: processes left behind: %v", name, ps)
 		}
+	}
+}
+
+// netnsHeld counts the network namespaces ferryd holds: its open file
+// descriptors on one ("fd net:[INODE]"), and its threads in another than
+// its own ("thread net:[INODE]"). A migration's private namespaces
+// (internal/privnet) are held that way while the migration runs.
+func (d *daemon) netnsHeld() map[string]int {
+	out := map[string]int{}
+	if d.cmd == nil {
+		return out
+	}
+	pid := d.cmd.Process.Pid
+	fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	for _, f := range fds {
+		if l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, f.Name())); err == nil && strings.HasPrefix(l, "net:[") {
+			out["fd "+l]++
+		}
+	}
+	own, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/net", pid))
+	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	for _, tk := range tasks {
+		if l, err := os.Readlink(fmt.Sprintf("/proc/%d/task/%s/ns/net", pid, tk.Name())); err == nil && l != own {
+			out["thread "+l]++
+		}
+	}
+	return out
+}
+
+// assertNoNetnsLeak fails t if ferryd holds a network namespace it did not
+// hold when it came up (waiting a little for cleanups that run after a
+// call returns).
+func (d *daemon) assertNoNetnsLeak(t testing.TB) {
+	t.Helper()
+	var extra []string
+	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		extra = extra[:0]
+		for k, n := range d.netnsHeld() {
+			if n > d.nsBase[k] {
+				extra = append(extra, fmt.Sprintf("%s (%d, %d at start)", k, n, d.nsBase[k]))
+			}
+		}
+		if len(extra) == 0 || time.Now().After(deadline) {
+			break
+		}
+	}
+	if len(extra) > 0 {
+		t.Errorf("ferryd %s holds network namespaces it did not at start: %v", d.name, extra)
 	}
 }
 

@@ -392,6 +392,8 @@ func migrateLive(t testing.TB, p *migrationPair, mode string, flags ...string) m
 	p.a.assertNoTrace(t, "srv")
 	p.b.mustCtl("rm", "-f", "srv")
 	p.b.assertNoTrace(t, "srv")
+	p.a.assertNoNetnsLeak(t)
+	p.b.assertNoNetnsLeak(t)
 	return rec
 }
 
@@ -970,6 +972,8 @@ func TestMigrateFaultsMidTransfer(t *testing.T) {
 		waitIntactOnA(t, p, "srv", before, sum, 10*time.Second)
 		p.b.start()
 		p.b.assertNoTrace(t, "srv")
+		p.a.assertNoNetnsLeak(t)
+		p.b.assertNoNetnsLeak(t)
 	})
 	t.Run("stopcopy: wire cut", func(t *testing.T) {
 		done := migrateInBackground(p, "srv", append(slow, "--mode", "stopcopy")...)
@@ -982,6 +986,8 @@ func TestMigrateFaultsMidTransfer(t *testing.T) {
 		}
 		waitIntactOnA(t, p, "srv", before, sum, 10*time.Second)
 		waitNoTrace(t, p.b, "srv", 30*time.Second)
+		p.a.assertNoNetnsLeak(t)
+		p.b.assertNoNetnsLeak(t)
 	})
 	t.Run("postcopy: peer killed", func(t *testing.T) {
 		done := migrateInBackground(p, "srv", append(slow, "--mode", "postcopy")...)
@@ -996,6 +1002,8 @@ func TestMigrateFaultsMidTransfer(t *testing.T) {
 		p.b.start()
 		waitIntactOnA(t, p, "srv", before, sum, 30*time.Second)
 		p.b.assertNoTrace(t, "srv")
+		p.a.assertNoNetnsLeak(t)
+		p.b.assertNoNetnsLeak(t)
 	})
 	t.Run("postcopy: source killed", func(t *testing.T) {
 		done := migrateInBackground(p, "srv", append(slow, "--mode", "postcopy")...)
@@ -1006,6 +1014,8 @@ func TestMigrateFaultsMidTransfer(t *testing.T) {
 		waitNoTrace(t, p.b, "srv", 30*time.Second)
 		p.a.start()
 		waitIntactOnA(t, p, "srv", before, sum, 30*time.Second)
+		p.a.assertNoNetnsLeak(t)
+		p.b.assertNoNetnsLeak(t)
 	})
 	t.Run("postcopy: wire cut", func(t *testing.T) {
 		done := migrateInBackground(p, "srv", append(slow, "--mode", "postcopy")...)
@@ -1021,6 +1031,8 @@ func TestMigrateFaultsMidTransfer(t *testing.T) {
 		}
 		mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "up")
 		waitIntactOnA(t, p, "srv", before, sum, 30*time.Second)
+		p.a.assertNoNetnsLeak(t)
+		p.b.assertNoNetnsLeak(t)
 	})
 	p.a.mustCtl("rm", "-f", "srv")
 	p.a.assertNoTrace(t, "srv")
