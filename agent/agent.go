@@ -1050,7 +1050,11 @@ func (a *Agent) kill(name string, ii *initInfo) error {
 	}
 	if st, err := lc.Status(); err == nil && st == libcontainer.Paused {
 		if err := lc.Resume(); err != nil {
-			return fmt.Errorf("thaw to let SIGKILL through: %w", err)
+			// On cgroup v2 a frozen task dies of SIGKILL all the same: by
+			// now its monitor may have destroyed the container.
+			if st, serr := lc.Status(); serr == nil && st == libcontainer.Paused {
+				return fmt.Errorf("thaw to let SIGKILL through: %w", err)
+			}
 		}
 	}
 	return nil

@@ -581,9 +581,10 @@ func migrateFailsWith(t testing.TB, p *migrationPair, name string, flags []strin
 	return errOut
 }
 
-// TestMigrateFailuresRollBack: the peer refuses (admission), the restore
-// fails on the peer (failpoint), the peer is killed -9 mid-transfer: each
-// time the container runs on A where it was, and nothing is left on B.
+// TestMigrateFailuresRollBack: the peer refuses (admission), CRIU fails on
+// the source's dump or late in the peer's restore, the restore fails on the
+// peer (failpoint), the peer is killed -9 in the restore or mid-transfer:
+// each time the container runs on A where it was, and nothing is left on B.
 func TestMigrateFailuresRollBack(t *testing.T) {
 	p := newMigrationPair(t)
 	p.a.mustCtl("run", "srv", "--mem-guarantee", "32M", "--", "sh", "-c", counter)
@@ -628,6 +629,29 @@ func TestMigrateFailuresRollBack(t *testing.T) {
 		assertIntactOnA(t, p, "srv", before)
 		p.b.assertNoTrace(t, "srv")
 	})
+	for _, mode := range []string{"stopcopy", "postcopy"} {
+		t.Run("CRIU fails on the peer late in its restore: "+mode, func(t *testing.T) {
+			// B's CRIU fails for real after it has made the tasks and
+			// restored their memory, at its post-restore step (CRIU's own
+			// fault injection: CRIU_FAULT=6, FI_POST_RESTORE); in post-copy
+			// the lazy-pages daemon and the page tunnel are up by then.
+			if mode == "postcopy" {
+				raisePipeMax(t)
+			}
+			env := p.b.env
+			p.b.env = append(append([]string(nil), env...), "CRIU_FAULT=6")
+			p.b.restartWith("")
+			defer func() {
+				p.b.env = env
+				p.b.restartWith("")
+			}()
+			migrateFailsWith(t, p, "srv", []string{"--mode", mode}, "restore", "rolled_back")
+			assertIntactOnA(t, p, "srv", before)
+			p.b.assertNoTrace(t, "srv")
+			p.a.assertNoNetnsLeak(t)
+			p.b.assertNoNetnsLeak(t)
+		})
+	}
 	t.Run("restore fails on the peer", func(t *testing.T) {
 		p.b.restartWith("peer-restore")
 		migrateFails(t, p, "srv", "injected failure", "rolled_back")
