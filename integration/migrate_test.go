@@ -281,6 +281,60 @@ while true; do sleep 1; if [ -e /sum-now ]; then rm -f /sum-now; echo "sum $(ech
 	p.b.assertNoTrace(t, "srv")
 }
 
+// TestVMMigratePreCopyFaults (VM tier: it needs soft-dirty): faults while
+// pre-copy rounds run, before any freeze: B's ferryd killed -9, and the
+// wire cut. Each time the migration fails without ever freezing the
+// container (frozen_ms 0): it ran on A throughout with its memory intact,
+// and nothing is left on B.
+func TestVMMigratePreCopyFaults(t *testing.T) {
+	if out, err := exec.Command("criu", "check", "--feature", "mem_dirty_track").CombinedOutput(); err != nil {
+		testenv.Unavailable(t, "no soft-dirty memory tracking on this kernel (criu check --feature mem_dirty_track: "+strings.TrimSpace(string(out))+"); this test runs in the VM tier")
+	}
+	p := newMigrationPair(t)
+	p.a.mustCtl("run", "srv", "--mem-guarantee", "32M", "--mem-limit", "128M", "--", "sh", "-c", blobServer)
+	before := p.a.inspect("srv")
+	sum := ""
+	for deadline := time.Now().Add(90 * time.Second); sum == ""; time.Sleep(200 * time.Millisecond) {
+		if sum = lastSum(t, p.a, "srv"); sum == "" && time.Now().After(deadline) {
+			t.Fatal("no checksum within 90s")
+		}
+	}
+	// Slow rounds (~16 MiB at 1 MiB/s), so the fault lands in one.
+	flags := []string{"--mode", "precopy", "--max-downtime", "1ms", "--max-rounds", "8", "--bandwidth", "1M"}
+	failedUnfrozen := func(t *testing.T, out string) {
+		t.Helper()
+		rec := lastMigration(t, p.a)
+		if rec.State != "failed" || rec.FrozenMs != 0 {
+			t.Errorf("migration: state %s, frozen %d ms, want failed without a freeze; output:\n%s", rec.State, rec.FrozenMs, out)
+		}
+	}
+	t.Run("peer killed in a round", func(t *testing.T) {
+		done := migrateInBackground(p, "srv", flags...)
+		waitPhase(t, p.a, "precopy", 2*time.Minute)
+		time.Sleep(time.Second)
+		p.b.kill9()
+		failedUnfrozen(t, waitOutput(t, done, 2*time.Minute))
+		waitIntactOnA(t, p, "srv", before, sum, 30*time.Second)
+		p.b.start()
+		p.b.assertNoTrace(t, "srv")
+		p.a.assertNoNetnsLeak(t)
+		p.b.assertNoNetnsLeak(t)
+	})
+	t.Run("wire cut in a round", func(t *testing.T) {
+		done := migrateInBackground(p, "srv", flags...)
+		waitPhase(t, p.a, "precopy", 2*time.Minute)
+		time.Sleep(time.Second)
+		mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "down")
+		out := waitOutput(t, done, 2*time.Minute)
+		mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "up")
+		failedUnfrozen(t, out)
+		waitIntactOnA(t, p, "srv", before, sum, 30*time.Second)
+		waitNoTrace(t, p.b, "srv", 3*time.Minute)
+		p.a.assertNoNetnsLeak(t)
+		p.b.assertNoNetnsLeak(t)
+	})
+}
+
 // TestMigratePostCopyNeedsPipes: with fs.pipe-max-size below what CRIU's
 // lazy page pipes need and no CAP_SYS_RESOURCE, post-copy is refused with
 // the reason and the fix, before anything changes; auto does not pick it.

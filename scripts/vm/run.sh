@@ -36,7 +36,8 @@
 #   --test-pkg ./integration/vmtest   (all of it: soft-dirty, cgroup v2, CRIU
 #                                     pre-dump rounds, the tools CRIU runs, ferryd on v2)
 #   --test-pkg ./integration --run '^(TestContainerDefaults|TestStopHonoursSIGTERM|TestVMMigratePreCopy|
-#                                     TestElasticHardenAndRelax|TestSysctlGuardDeniesGlobalWrites)$'
+#                                     TestVMMigratePreCopyFaults|TestElasticHardenAndRelax|
+#                                     TestSysctlGuardDeniesGlobalWrites)$'
 #
 # Inside, every binary runs as root with CI=true (a missing prerequisite
 # fails), FERRY_VM=1 (the vmtest package runs only then) and
@@ -63,7 +64,7 @@ CRIU_PREFIX=$FERRY_PREFIX/criu
 CRIU_WRAPPER=$FERRY_PREFIX/bin/criu
 ROOTFS=$FERRY_PREFIX/rootfs/busybox
 
-DEFAULT_INTEGRATION_RUN='^(TestContainerDefaults|TestStopHonoursSIGTERM|TestVMMigratePreCopy|TestElasticHardenAndRelax|TestSysctlGuardDeniesGlobalWrites)$'
+DEFAULT_INTEGRATION_RUN='^(TestContainerDefaults|TestStopHonoursSIGTERM|TestVMMigratePreCopy|TestVMMigratePreCopyFaults|TestElasticHardenAndRelax|TestSysctlGuardDeniesGlobalWrites)$'
 
 # Modules loaded at boot, by name (dependencies and soft dependencies are
 # resolved on the host with modprobe --show-depends; libcrc32c's crc32c
