@@ -422,6 +422,11 @@ func (a *Agent) Close() {
 // Half-created containers (ferryd died before the init ran) are removed.
 func (a *Agent) Load(ctx context.Context) error {
 	a.loadMigrations()
+	// No migration's work survives a restart: a source settles with its
+	// peer without its images, a destination removes what it was receiving.
+	if err := os.RemoveAll(filepath.Join(a.cfg.Root, "work")); err != nil {
+		a.log.Warn("remove the work of migrations before this start", "err", err)
+	}
 	ents, err := os.ReadDir(a.crDir)
 	if err != nil {
 		return fmt.Errorf("load containers: %w", err)

@@ -196,7 +196,7 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingReq
 	if err := a.guardContainer(ctx, c); err != nil {
 		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
 	}
-	in := &incoming{id: id, c: c, mode: mode, source: req.GetSourceNode(), images: filepath.Join(a.cfg.RunDir, "migrations", id, "images")}
+	in := &incoming{id: id, c: c, mode: mode, source: req.GetSourceNode(), images: filepath.Join(a.workDir(id), "images")}
 	if err := os.MkdirAll(in.images, 0o700); err != nil {
 		return nil, err
 	}

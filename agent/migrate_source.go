@@ -46,6 +46,14 @@ const (
 // migrationsDir holds one JSON file per migration this agent ran as the source.
 func (a *Agent) migrationsDir() string { return filepath.Join(a.cfg.Root, "migrations") }
 
+// workDir is where migration id keeps its CRIU images and work files, on
+// either side. It lies under the state root, not the run directory: a
+// stop-and-copy's images are as large as the container's memory, and /run
+// is a tmpfs on most hosts, memory that cannot be reclaimed the way the
+// page cache of a file on disk can, on a node that may be short of memory
+// (why it migrates). Nothing in it outlives a ferryd restart (Load).
+func (a *Agent) workDir(id string) string { return filepath.Join(a.cfg.Root, "work", id) }
+
 func (a *Agent) saveMigration(m *api.Migration) {
 	a.mu.Lock()
 	a.migrations[m.Id] = proto.Clone(m).(*api.Migration)
@@ -415,7 +423,7 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		}
 	}()
 
-	work := filepath.Join(a.cfg.RunDir, "migrations", id)
+	work := a.workDir(id)
 	images := filepath.Join(work, "images")
 	defer func() { _ = os.RemoveAll(work) }()
 	if err := os.MkdirAll(work, 0o700); err != nil {

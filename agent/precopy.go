@@ -11,6 +11,7 @@ import (
 	"regexp"
 	"strconv"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/opencontainers/runc/libcontainer"
@@ -245,6 +246,9 @@ func (a *Agent) servePages(ctx context.Context, in *incoming, recv func() (*api.
 		args = append(args, "--prev-images-dir", "../"+parent)
 	}
 	cmd := exec.Command(a.criuPath(), args...)
+	// Should ferryd die, the page server goes with it: nothing would end
+	// it otherwise, and ferryd's next start removes the migration.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := in.pageNS.Start(cmd); err != nil {
 		return fmt.Errorf("start criu page-server: %w", err)
 	}

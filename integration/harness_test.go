@@ -456,9 +456,9 @@ func (d *daemon) assertNoTrace(t testing.TB, name string) {
 	}
 	// No monitor of the container (its command line names the container's
 	// directory), and no CRIU process of a migration (lazy-pages daemons,
-	// page servers, dumps: they name a directory under migrations/).
+	// page servers, dumps: they name a directory under work/).
 	// Killed processes take a moment to go.
-	for _, s := range []string{filepath.Join(d.root, "containers", name) + "\x00", filepath.Join(d.runDir, "migrations") + "/"} {
+	for _, s := range []string{filepath.Join(d.root, "containers", name) + "\x00", filepath.Join(d.root, "work") + "/"} {
 		if ps := processesWaitGone(s, 3*time.Second); len(ps) > 0 {
 			t.Errorf("container %s: processes left behind: %v", name, ps)
 		}

@@ -291,7 +291,11 @@ func TestVMMigratePreCopyFaults(t *testing.T) {
 		testenv.Unavailable(t, "no soft-dirty memory tracking on this kernel (criu check --feature mem_dirty_track: "+strings.TrimSpace(string(out))+"); this test runs in the VM tier")
 	}
 	p := newMigrationPair(t)
-	p.a.mustCtl("run", "srv", "--mem-guarantee", "32M", "--mem-limit", "128M", "--", "sh", "-c", blobServer)
+	// A CPU guarantee, as in TestVMMigratePreCopy: the emulated guest's CPU
+	// gets scarce while a migration runs, and the elastic controller then
+	// clamps a container without one to almost nothing.
+	p.a.mustCtl("run", "srv", "--mem-guarantee", "32M", "--mem-limit", "128M", "--cpu-guarantee", "0.25", "--cpu-limit", "1",
+		"--", "sh", "-c", blobServer)
 	before := p.a.inspect("srv")
 	sum := ""
 	for deadline := time.Now().Add(90 * time.Second); sum == ""; time.Sleep(200 * time.Millisecond) {
@@ -874,9 +878,20 @@ func TestMigrateSourceKilled(t *testing.T) {
 		waitPhase("transfer")
 		p.a.kill9()
 		p.b.kill9() // end its sleeping receive; it restarts clean below
+		for _, d := range []*daemon{p.a, p.b} {
+			if ents, _ := os.ReadDir(filepath.Join(d.root, "work")); len(ents) == 0 {
+				t.Errorf("%s had no migration work directory when it was killed: the check below proves nothing", d.name)
+			}
+		}
 		p.b.failpoints = ""
 		p.b.start()
 		p.a.start()
+		// Their starts remove the work the migration left.
+		for _, d := range []*daemon{p.a, p.b} {
+			if ents, _ := os.ReadDir(filepath.Join(d.root, "work")); len(ents) != 0 {
+				t.Errorf("%s keeps %d migration work directories after its restart", d.name, len(ents))
+			}
+		}
 		deadline := time.Now().Add(30 * time.Second)
 		for time.Now().Before(deadline) && p.a.inspect("srv").StatusReason != "" {
 			time.Sleep(100 * time.Millisecond)
@@ -1269,8 +1284,8 @@ func TestMigratePeerMessages(t *testing.T) {
 		t.Fatal(err)
 	}
 	p.b.assertNoTrace(t, "px")
-	if ents, _ := os.ReadDir(filepath.Join(p.b.runDir, "migrations")); len(ents) != 0 {
-		t.Errorf("B's migrations directory keeps %d entries", len(ents))
+	if ents, _ := os.ReadDir(filepath.Join(p.b.root, "work")); len(ents) != 0 {
+		t.Errorf("B's migrations work directory keeps %d entries", len(ents))
 	}
 }
 
