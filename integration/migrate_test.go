@@ -37,6 +37,7 @@ type migrationPair struct {
 	wireA        string // A's end of the wire between the hosts
 	ca           *pki.CA
 	pkiDir       string
+	afterRun     func(t testing.TB) // migrateLive: after the container starts on A
 }
 
 func newMigrationPair(t testing.TB) *migrationPair {
@@ -184,6 +185,48 @@ func TestMigratePostCopy(t *testing.T) {
 	rec := migrateLive(t, p, "postcopy")
 	if rec.PostcopyMs <= 0 || rec.PostcopyBytes < 16<<20 {
 		t.Errorf("post-copy figures: %d ms, %d page bytes through the tunnel; want > 0 ms and the blob's 16 MiB at least", rec.PostcopyMs, rec.PostcopyBytes)
+	}
+}
+
+// TestMigratePostCopyWithoutCriuConf: a container made before ferry named a
+// CRIU configuration file of its own (no org.criu.config label in its
+// libcontainer state) migrates in post-copy all the same, through
+// libcontainer's own options (and CRIU's own network lock).
+func TestMigratePostCopyWithoutCriuConf(t *testing.T) {
+	raisePipeMax(t)
+	p := newMigrationPair(t)
+	p.afterRun = func(t testing.TB) {
+		f := filepath.Join(p.a.runDir, "libcontainer", "srv", "state.json")
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var st map[string]any
+		if err := json.Unmarshal(b, &st); err != nil {
+			t.Fatal(err)
+		}
+		cfg, _ := st["config"].(map[string]any)
+		labels, _ := cfg["labels"].([]any)
+		var kept []any
+		for _, l := range labels {
+			if s, _ := l.(string); !strings.HasPrefix(s, "org.criu.config=") {
+				kept = append(kept, l)
+			}
+		}
+		if len(kept) == len(labels) {
+			t.Fatalf("srv's libcontainer state has no org.criu.config label: %v", labels)
+		}
+		cfg["labels"] = kept
+		if b, err = json.Marshal(st); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(f, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rec := migrateLive(t, p, "postcopy")
+	if rec.PostcopyMs <= 0 || rec.PostcopyBytes < 16<<20 {
+		t.Errorf("post-copy figures: %d ms, %d page bytes through the tunnel", rec.PostcopyMs, rec.PostcopyBytes)
 	}
 }
 
@@ -363,6 +406,9 @@ func migrateLive(t testing.TB, p *migrationPair, mode string, flags ...string) m
 	t.Helper()
 	p.a.mustCtl("run", "srv", "--mem-guarantee", "32M", "--mem-limit", "128M", "--cpu-guarantee", "0.25", "--cpu-limit", "1",
 		"--", "sh", "-c", blobServer)
+	if p.afterRun != nil {
+		p.afterRun(t)
+	}
 	before := p.a.inspect("srv")
 	time.Sleep(500 * time.Millisecond)
 	conn := p.connect(t, before.IP, 9000)
