@@ -534,6 +534,9 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 			return nil, fmt.Errorf("network: %w", err)
 		}
 	}
+	if err := failpoint.Check("source-frozen"); err != nil {
+		return nil, fmt.Errorf("dump: %w", err)
+	}
 	report("dump")
 	dumpStart := time.Now()
 	criuWork := filepath.Join(work, "criu")

@@ -918,6 +918,41 @@ func TestMigrateSourceKilled(t *testing.T) {
 		t.Fatalf("the migration never reached phase %s", phase)
 	}
 
+	t.Run("frozen, before the dump", func(t *testing.T) {
+		// A dies with the container frozen and its address off the
+		// segment, B holding a prepared (staged) restore: A's restart asks
+		// B, which runs nothing, tells it to drop what it prepared, and
+		// thaws the container with its address back.
+		p.a.restartWith("source-frozen=sleep")
+		go func() { _, _, _ = p.a.ctl("migrate", "srv", "--to", p.addrB) }()
+		waitPhase("freeze")
+		time.Sleep(200 * time.Millisecond) // into the failpoint
+		p.a.restartWith("")
+		deadline := time.Now().Add(30 * time.Second)
+		for time.Now().Before(deadline) && p.a.inspect("srv").StatusReason != "" {
+			time.Sleep(100 * time.Millisecond)
+		}
+		assertIntactOnA(t, p, "srv", before)
+		p.b.assertNoTrace(t, "srv")
+		if m := lastMigration(t, p.a); m.State != "rolled_back" || !strings.Contains(m.Error, "after a ferryd restart") {
+			t.Errorf("A's record of the interrupted migration: %+v", m)
+		}
+		p.a.assertNoNetnsLeak(t)
+		p.b.assertNoNetnsLeak(t)
+	})
+	t.Run("dump fails", func(t *testing.T) {
+		p.a.restartWith("source-frozen")
+		_, errOut, code := p.a.ctl("migrate", "srv", "--to", p.addrB)
+		if code == 0 || !strings.Contains(errOut, "injected failure") {
+			t.Errorf("migrate: exit %d: %s", code, errOut)
+		}
+		if m := lastMigration(t, p.a); m.State != "rolled_back" {
+			t.Errorf("A's record: %+v", m)
+		}
+		assertIntactOnA(t, p, "srv", before)
+		p.b.assertNoTrace(t, "srv")
+		p.a.restartWith("")
+	})
 	t.Run("mid-transfer", func(t *testing.T) {
 		p.b.restartWith("peer-receive=sleep")
 		go func() { _, _, _ = p.a.ctl("migrate", "srv", "--to", p.addrB) }()
