@@ -424,7 +424,7 @@ func (a *Agent) Load(ctx context.Context) error {
 	a.loadMigrations()
 	// No migration's work survives a restart: a source settles with its
 	// peer without its images, a destination removes what it was receiving.
-	if err := os.RemoveAll(filepath.Join(a.cfg.Root, "work")); err != nil {
+	if err := os.RemoveAll(a.workRoot()); err != nil {
 		a.log.Warn("remove the work of migrations before this start", "err", err)
 	}
 	ents, err := os.ReadDir(a.crDir)

@@ -52,7 +52,9 @@ func (a *Agent) migrationsDir() string { return filepath.Join(a.cfg.Root, "migra
 // is a tmpfs on most hosts, memory that cannot be reclaimed the way the
 // page cache of a file on disk can, on a node that may be short of memory
 // (why it migrates). Nothing in it outlives a ferryd restart (Load).
-func (a *Agent) workDir(id string) string { return filepath.Join(a.cfg.Root, "work", id) }
+func (a *Agent) workDir(id string) string { return filepath.Join(a.workRoot(), id) }
+
+func (a *Agent) workRoot() string { return filepath.Join(a.cfg.Root, "work") }
 
 func (a *Agent) saveMigration(m *api.Migration) {
 	a.mu.Lock()
