@@ -183,6 +183,42 @@ func (a *Agent) chooseMode(requested string, here, peer *api.MigrationFeatures, 
 	return mode, why, nil
 }
 
+// ProbeMax is the most a bandwidth probe may send.
+const ProbeMax = 64 << 20
+
+// probeBandwidth measures the channel to the peer by streaming size bytes
+// of filler through it (ProbeBandwidth). A short probe on a fresh stream
+// reads low rather than high (flow control still opening up), which errs
+// toward post-copy.
+func probeBandwidth(ctx context.Context, peer api.FerryClient, size int64) (float64, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	start := time.Now()
+	stream, err := peer.ProbeBandwidth(ctx)
+	if err != nil {
+		return 0, err
+	}
+	buf := make([]byte, 1<<20)
+	for sent := int64(0); sent < size; sent += int64(len(buf)) {
+		if err := stream.Send(&api.ProbeChunk{Data: buf[:min(int64(len(buf)), size-sent)]}); err != nil {
+			_, rerr := stream.CloseAndRecv()
+			return 0, errors.Join(err, rerr)
+		}
+	}
+	r, err := stream.CloseAndRecv()
+	if err != nil {
+		return 0, err
+	}
+	if r.GetBytes() != size {
+		return 0, fmt.Errorf("the peer counted %d bytes of %d", r.GetBytes(), size)
+	}
+	return float64(size) / time.Since(start).Seconds(), nil
+}
+
+// probeSize is how much a probe sends for a container of memory bytes: a
+// quarter of it, between 1 and 16 MiB.
+func probeSize(memory int64) int64 { return min(max(memory/4, 1<<20), 16<<20) }
+
 // peerBandwidth is the bandwidth auto mode predicts with: the cap, or what
 // the last migration to that node measured.
 func (a *Agent) peerBandwidth(peerNode string, limit int64) float64 {
@@ -366,11 +402,24 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		return nil, fmt.Errorf("container %q: %w", c.name, err)
 	}
 	warmCriuVersion(lc)
+	probed := ""
+	if requested == "auto" && pred.Bandwidth == 0 && !a.MigrationFeatures().GetMemDirtyTrack() {
+		// Auto mode predicts from the bandwidth: measure it now, as
+		// neither a cap nor an earlier migration to that node gives it.
+		bw, err := probeBandwidth(ctx, peer.FerryClient, probeSize(pred.MemoryBytes))
+		if err != nil {
+			log.Warn("bandwidth probe", "err", err)
+		} else {
+			pred.Bandwidth = bw
+			probed = fmt.Sprintf("; bandwidth probed: %s/s", humanSize(int64(bw)))
+		}
+	}
 	unfit := postcopyFits(lc, pred.MemoryBytes, rec.Spec.Resources.Ceiling.Memory)
 	mode, reason, err := a.chooseMode(requested, a.MigrationFeatures(), v.GetFeatures(), v.NodeName, pred, unfit)
 	if err != nil {
 		return nil, err
 	}
+	reason += probed
 	if unfit != "" && mode != migrate.ModePostCopy && requested == "auto" {
 		reason += "; post-copy ruled out: " + unfit
 	}

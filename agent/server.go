@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"io"
 	"log/slog"
 	"runtime"
 	"time"
@@ -311,6 +312,26 @@ func (s *Server) SendImages(stream api.Ferry_SendImagesServer) error {
 		return toStatus(err)
 	}
 	return stream.SendAndClose(&api.SendImagesResponse{Bytes: n})
+}
+
+// ProbeBandwidth implements api.FerryServer.
+func (s *Server) ProbeBandwidth(stream api.Ferry_ProbeBandwidthServer) error {
+	if err := s.peerOnly("ProbeBandwidth"); err != nil {
+		return err
+	}
+	var n int64
+	for {
+		ch, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			return stream.SendAndClose(&api.ProbeResult{Bytes: n})
+		}
+		if err != nil {
+			return err
+		}
+		if n += int64(len(ch.GetData())); n > ProbeMax {
+			return status.Errorf(codes.InvalidArgument, "bandwidth probe: more than %d bytes", ProbeMax)
+		}
+	}
 }
 
 // RestoreIncoming implements api.FerryServer.

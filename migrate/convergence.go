@@ -335,8 +335,9 @@ func (p Prediction) target() time.Duration {
 //     the faults, the source serves the pages);
 //   - otherwise stopcopy, over the target, since it is all that is left.
 //
-// With no bandwidth to predict from, stopcopy is kept: post-copy is only
-// worth its risk (losing the source's pages loses the container) when it is
+// With no bandwidth to predict from (the agent probes the channel first;
+// this is when the probe failed), stopcopy is kept: post-copy is only worth
+// its risk (losing the source's pages loses the container) when it is
 // known to be needed.
 func AutoMode(f Features, p Prediction) (mode string, why string) {
 	if f.Source.MemDirtyTrack {

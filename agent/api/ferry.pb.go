@@ -2577,6 +2577,94 @@ func (x *SendImagesResponse) GetBytes() int64 {
 	return 0
 }
 
+type ProbeChunk struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Data          []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ProbeChunk) Reset() {
+	*x = ProbeChunk{}
+	mi := &file_ferry_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProbeChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProbeChunk) ProtoMessage() {}
+
+func (x *ProbeChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProbeChunk.ProtoReflect.Descriptor instead.
+func (*ProbeChunk) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *ProbeChunk) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+type ProbeResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Bytes         int64                  `protobuf:"varint,1,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ProbeResult) Reset() {
+	*x = ProbeResult{}
+	mi := &file_ferry_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProbeResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProbeResult) ProtoMessage() {}
+
+func (x *ProbeResult) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProbeResult.ProtoReflect.Descriptor instead.
+func (*ProbeResult) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *ProbeResult) GetBytes() int64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
 type RestoreIncomingRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	MigrationId   string                 `protobuf:"bytes,1,opt,name=migration_id,json=migrationId,proto3" json:"migration_id,omitempty"`
@@ -2586,7 +2674,7 @@ type RestoreIncomingRequest struct {
 
 func (x *RestoreIncomingRequest) Reset() {
 	*x = RestoreIncomingRequest{}
-	mi := &file_ferry_proto_msgTypes[33]
+	mi := &file_ferry_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2598,7 +2686,7 @@ func (x *RestoreIncomingRequest) String() string {
 func (*RestoreIncomingRequest) ProtoMessage() {}
 
 func (x *RestoreIncomingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[33]
+	mi := &file_ferry_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2611,7 +2699,7 @@ func (x *RestoreIncomingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreIncomingRequest.ProtoReflect.Descriptor instead.
 func (*RestoreIncomingRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{33}
+	return file_ferry_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *RestoreIncomingRequest) GetMigrationId() string {
@@ -2631,7 +2719,7 @@ type RestoreIncomingResponse struct {
 
 func (x *RestoreIncomingResponse) Reset() {
 	*x = RestoreIncomingResponse{}
-	mi := &file_ferry_proto_msgTypes[34]
+	mi := &file_ferry_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2643,7 +2731,7 @@ func (x *RestoreIncomingResponse) String() string {
 func (*RestoreIncomingResponse) ProtoMessage() {}
 
 func (x *RestoreIncomingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[34]
+	mi := &file_ferry_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2656,7 +2744,7 @@ func (x *RestoreIncomingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreIncomingResponse.ProtoReflect.Descriptor instead.
 func (*RestoreIncomingResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{34}
+	return file_ferry_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *RestoreIncomingResponse) GetPid() int64 {
@@ -2683,7 +2771,7 @@ type AbortIncomingRequest struct {
 
 func (x *AbortIncomingRequest) Reset() {
 	*x = AbortIncomingRequest{}
-	mi := &file_ferry_proto_msgTypes[35]
+	mi := &file_ferry_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2695,7 +2783,7 @@ func (x *AbortIncomingRequest) String() string {
 func (*AbortIncomingRequest) ProtoMessage() {}
 
 func (x *AbortIncomingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[35]
+	mi := &file_ferry_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2708,7 +2796,7 @@ func (x *AbortIncomingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortIncomingRequest.ProtoReflect.Descriptor instead.
 func (*AbortIncomingRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{35}
+	return file_ferry_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *AbortIncomingRequest) GetMigrationId() string {
@@ -2733,7 +2821,7 @@ type AbortIncomingResponse struct {
 
 func (x *AbortIncomingResponse) Reset() {
 	*x = AbortIncomingResponse{}
-	mi := &file_ferry_proto_msgTypes[36]
+	mi := &file_ferry_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2745,7 +2833,7 @@ func (x *AbortIncomingResponse) String() string {
 func (*AbortIncomingResponse) ProtoMessage() {}
 
 func (x *AbortIncomingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[36]
+	mi := &file_ferry_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2758,7 +2846,7 @@ func (x *AbortIncomingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortIncomingResponse.ProtoReflect.Descriptor instead.
 func (*AbortIncomingResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{36}
+	return file_ferry_proto_rawDescGZIP(), []int{38}
 }
 
 type TunnelChunk struct {
@@ -2774,7 +2862,7 @@ type TunnelChunk struct {
 
 func (x *TunnelChunk) Reset() {
 	*x = TunnelChunk{}
-	mi := &file_ferry_proto_msgTypes[37]
+	mi := &file_ferry_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2786,7 +2874,7 @@ func (x *TunnelChunk) String() string {
 func (*TunnelChunk) ProtoMessage() {}
 
 func (x *TunnelChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[37]
+	mi := &file_ferry_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2799,7 +2887,7 @@ func (x *TunnelChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelChunk.ProtoReflect.Descriptor instead.
 func (*TunnelChunk) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{37}
+	return file_ferry_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *TunnelChunk) GetMigrationId() string {
@@ -2832,7 +2920,7 @@ type CompleteIncomingRequest struct {
 
 func (x *CompleteIncomingRequest) Reset() {
 	*x = CompleteIncomingRequest{}
-	mi := &file_ferry_proto_msgTypes[38]
+	mi := &file_ferry_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2844,7 +2932,7 @@ func (x *CompleteIncomingRequest) String() string {
 func (*CompleteIncomingRequest) ProtoMessage() {}
 
 func (x *CompleteIncomingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[38]
+	mi := &file_ferry_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2857,7 +2945,7 @@ func (x *CompleteIncomingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteIncomingRequest.ProtoReflect.Descriptor instead.
 func (*CompleteIncomingRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{38}
+	return file_ferry_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *CompleteIncomingRequest) GetMigrationId() string {
@@ -2877,7 +2965,7 @@ type CompleteIncomingResponse struct {
 
 func (x *CompleteIncomingResponse) Reset() {
 	*x = CompleteIncomingResponse{}
-	mi := &file_ferry_proto_msgTypes[39]
+	mi := &file_ferry_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2889,7 +2977,7 @@ func (x *CompleteIncomingResponse) String() string {
 func (*CompleteIncomingResponse) ProtoMessage() {}
 
 func (x *CompleteIncomingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[39]
+	mi := &file_ferry_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2902,7 +2990,7 @@ func (x *CompleteIncomingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteIncomingResponse.ProtoReflect.Descriptor instead.
 func (*CompleteIncomingResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{39}
+	return file_ferry_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *CompleteIncomingResponse) GetPostcopyMs() int64 {
@@ -3151,6 +3239,11 @@ const file_ferry_proto_rawDesc = "" +
 	"\x04part\x18\x02 \x01(\tR\x04part\x12\x12\n" +
 	"\x04data\x18\x03 \x01(\fR\x04data\"*\n" +
 	"\x12SendImagesResponse\x12\x14\n" +
+	"\x05bytes\x18\x01 \x01(\x03R\x05bytes\" \n" +
+	"\n" +
+	"ProbeChunk\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\"#\n" +
+	"\vProbeResult\x12\x14\n" +
 	"\x05bytes\x18\x01 \x01(\x03R\x05bytes\";\n" +
 	"\x16RestoreIncomingRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\"J\n" +
@@ -3170,7 +3263,7 @@ const file_ferry_proto_rawDesc = "" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\";\n" +
 	"\x18CompleteIncomingResponse\x12\x1f\n" +
 	"\vpostcopy_ms\x18\x01 \x01(\x03R\n" +
-	"postcopyMs2\x99\v\n" +
+	"postcopyMs2\xda\v\n" +
 	"\x05Ferry\x12>\n" +
 	"\aVersion\x12\x18.ferry.v1.VersionRequest\x1a\x19.ferry.v1.VersionResponse\x12B\n" +
 	"\fRunContainer\x12\x1d.ferry.v1.RunContainerRequest\x1a\x13.ferry.v1.Container\x12S\n" +
@@ -3188,7 +3281,8 @@ const file_ferry_proto_rawDesc = "" +
 	"\x0fCancelMigration\x12 .ferry.v1.CancelMigrationRequest\x1a\x13.ferry.v1.Migration\x12V\n" +
 	"\x0fPrepareIncoming\x12 .ferry.v1.PrepareIncomingRequest\x1a!.ferry.v1.PrepareIncomingResponse\x12B\n" +
 	"\n" +
-	"SendImages\x12\x14.ferry.v1.ImageChunk\x1a\x1c.ferry.v1.SendImagesResponse(\x01\x12V\n" +
+	"SendImages\x12\x14.ferry.v1.ImageChunk\x1a\x1c.ferry.v1.SendImagesResponse(\x01\x12?\n" +
+	"\x0eProbeBandwidth\x12\x14.ferry.v1.ProbeChunk\x1a\x15.ferry.v1.ProbeResult(\x01\x12V\n" +
 	"\x0fRestoreIncoming\x12 .ferry.v1.RestoreIncomingRequest\x1a!.ferry.v1.RestoreIncomingResponse\x12P\n" +
 	"\rAbortIncoming\x12\x1e.ferry.v1.AbortIncomingRequest\x1a\x1f.ferry.v1.AbortIncomingResponse\x12>\n" +
 	"\n" +
@@ -3207,7 +3301,7 @@ func file_ferry_proto_rawDescGZIP() []byte {
 	return file_ferry_proto_rawDescData
 }
 
-var file_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 43)
+var file_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 45)
 var file_ferry_proto_goTypes = []any{
 	(*VersionRequest)(nil),           // 0: ferry.v1.VersionRequest
 	(*VersionResponse)(nil),          // 1: ferry.v1.VersionResponse
@@ -3242,28 +3336,30 @@ var file_ferry_proto_goTypes = []any{
 	(*PrepareIncomingResponse)(nil),  // 30: ferry.v1.PrepareIncomingResponse
 	(*ImageChunk)(nil),               // 31: ferry.v1.ImageChunk
 	(*SendImagesResponse)(nil),       // 32: ferry.v1.SendImagesResponse
-	(*RestoreIncomingRequest)(nil),   // 33: ferry.v1.RestoreIncomingRequest
-	(*RestoreIncomingResponse)(nil),  // 34: ferry.v1.RestoreIncomingResponse
-	(*AbortIncomingRequest)(nil),     // 35: ferry.v1.AbortIncomingRequest
-	(*AbortIncomingResponse)(nil),    // 36: ferry.v1.AbortIncomingResponse
-	(*TunnelChunk)(nil),              // 37: ferry.v1.TunnelChunk
-	(*CompleteIncomingRequest)(nil),  // 38: ferry.v1.CompleteIncomingRequest
-	(*CompleteIncomingResponse)(nil), // 39: ferry.v1.CompleteIncomingResponse
-	nil,                              // 40: ferry.v1.RunContainerRequest.SysctlsEntry
-	nil,                              // 41: ferry.v1.Container.SysctlsEntry
-	nil,                              // 42: ferry.v1.Event.AttributesEntry
+	(*ProbeChunk)(nil),               // 33: ferry.v1.ProbeChunk
+	(*ProbeResult)(nil),              // 34: ferry.v1.ProbeResult
+	(*RestoreIncomingRequest)(nil),   // 35: ferry.v1.RestoreIncomingRequest
+	(*RestoreIncomingResponse)(nil),  // 36: ferry.v1.RestoreIncomingResponse
+	(*AbortIncomingRequest)(nil),     // 37: ferry.v1.AbortIncomingRequest
+	(*AbortIncomingResponse)(nil),    // 38: ferry.v1.AbortIncomingResponse
+	(*TunnelChunk)(nil),              // 39: ferry.v1.TunnelChunk
+	(*CompleteIncomingRequest)(nil),  // 40: ferry.v1.CompleteIncomingRequest
+	(*CompleteIncomingResponse)(nil), // 41: ferry.v1.CompleteIncomingResponse
+	nil,                              // 42: ferry.v1.RunContainerRequest.SysctlsEntry
+	nil,                              // 43: ferry.v1.Container.SysctlsEntry
+	nil,                              // 44: ferry.v1.Event.AttributesEntry
 }
 var file_ferry_proto_depIdxs = []int32{
 	2,  // 0: ferry.v1.VersionResponse.features:type_name -> ferry.v1.MigrationFeatures
 	3,  // 1: ferry.v1.RunContainerRequest.guarantee:type_name -> ferry.v1.Resources
 	3,  // 2: ferry.v1.RunContainerRequest.ceiling:type_name -> ferry.v1.Resources
-	40, // 3: ferry.v1.RunContainerRequest.sysctls:type_name -> ferry.v1.RunContainerRequest.SysctlsEntry
+	42, // 3: ferry.v1.RunContainerRequest.sysctls:type_name -> ferry.v1.RunContainerRequest.SysctlsEntry
 	3,  // 4: ferry.v1.Container.guarantee:type_name -> ferry.v1.Resources
 	3,  // 5: ferry.v1.Container.ceiling:type_name -> ferry.v1.Resources
-	41, // 6: ferry.v1.Container.sysctls:type_name -> ferry.v1.Container.SysctlsEntry
+	43, // 6: ferry.v1.Container.sysctls:type_name -> ferry.v1.Container.SysctlsEntry
 	3,  // 7: ferry.v1.Container.effective_ceiling:type_name -> ferry.v1.Resources
 	5,  // 8: ferry.v1.ListContainersResponse.containers:type_name -> ferry.v1.Container
-	42, // 9: ferry.v1.Event.attributes:type_name -> ferry.v1.Event.AttributesEntry
+	44, // 9: ferry.v1.Event.attributes:type_name -> ferry.v1.Event.AttributesEntry
 	3,  // 10: ferry.v1.ContainerResources.guarantee:type_name -> ferry.v1.Resources
 	3,  // 11: ferry.v1.ContainerResources.ceiling:type_name -> ferry.v1.Resources
 	3,  // 12: ferry.v1.ContainerResources.effective_ceiling:type_name -> ferry.v1.Resources
@@ -3289,32 +3385,34 @@ var file_ferry_proto_depIdxs = []int32{
 	25, // 32: ferry.v1.Ferry.CancelMigration:input_type -> ferry.v1.CancelMigrationRequest
 	29, // 33: ferry.v1.Ferry.PrepareIncoming:input_type -> ferry.v1.PrepareIncomingRequest
 	31, // 34: ferry.v1.Ferry.SendImages:input_type -> ferry.v1.ImageChunk
-	33, // 35: ferry.v1.Ferry.RestoreIncoming:input_type -> ferry.v1.RestoreIncomingRequest
-	35, // 36: ferry.v1.Ferry.AbortIncoming:input_type -> ferry.v1.AbortIncomingRequest
-	37, // 37: ferry.v1.Ferry.PageTunnel:input_type -> ferry.v1.TunnelChunk
-	38, // 38: ferry.v1.Ferry.CompleteIncoming:input_type -> ferry.v1.CompleteIncomingRequest
-	1,  // 39: ferry.v1.Ferry.Version:output_type -> ferry.v1.VersionResponse
-	5,  // 40: ferry.v1.Ferry.RunContainer:output_type -> ferry.v1.Container
-	7,  // 41: ferry.v1.Ferry.ListContainers:output_type -> ferry.v1.ListContainersResponse
-	5,  // 42: ferry.v1.Ferry.GetContainer:output_type -> ferry.v1.Container
-	5,  // 43: ferry.v1.Ferry.StopContainer:output_type -> ferry.v1.Container
-	11, // 44: ferry.v1.Ferry.RemoveContainer:output_type -> ferry.v1.RemoveContainerResponse
-	13, // 45: ferry.v1.Ferry.Exec:output_type -> ferry.v1.ExecOutput
-	15, // 46: ferry.v1.Ferry.Logs:output_type -> ferry.v1.LogChunk
-	17, // 47: ferry.v1.Ferry.Events:output_type -> ferry.v1.Event
-	21, // 48: ferry.v1.Ferry.Node:output_type -> ferry.v1.NodeReport
-	23, // 49: ferry.v1.Ferry.Migrate:output_type -> ferry.v1.Migration
-	23, // 50: ferry.v1.Ferry.GetMigration:output_type -> ferry.v1.Migration
-	28, // 51: ferry.v1.Ferry.ListMigrations:output_type -> ferry.v1.ListMigrationsResponse
-	23, // 52: ferry.v1.Ferry.CancelMigration:output_type -> ferry.v1.Migration
-	30, // 53: ferry.v1.Ferry.PrepareIncoming:output_type -> ferry.v1.PrepareIncomingResponse
-	32, // 54: ferry.v1.Ferry.SendImages:output_type -> ferry.v1.SendImagesResponse
-	34, // 55: ferry.v1.Ferry.RestoreIncoming:output_type -> ferry.v1.RestoreIncomingResponse
-	36, // 56: ferry.v1.Ferry.AbortIncoming:output_type -> ferry.v1.AbortIncomingResponse
-	37, // 57: ferry.v1.Ferry.PageTunnel:output_type -> ferry.v1.TunnelChunk
-	39, // 58: ferry.v1.Ferry.CompleteIncoming:output_type -> ferry.v1.CompleteIncomingResponse
-	39, // [39:59] is the sub-list for method output_type
-	19, // [19:39] is the sub-list for method input_type
+	33, // 35: ferry.v1.Ferry.ProbeBandwidth:input_type -> ferry.v1.ProbeChunk
+	35, // 36: ferry.v1.Ferry.RestoreIncoming:input_type -> ferry.v1.RestoreIncomingRequest
+	37, // 37: ferry.v1.Ferry.AbortIncoming:input_type -> ferry.v1.AbortIncomingRequest
+	39, // 38: ferry.v1.Ferry.PageTunnel:input_type -> ferry.v1.TunnelChunk
+	40, // 39: ferry.v1.Ferry.CompleteIncoming:input_type -> ferry.v1.CompleteIncomingRequest
+	1,  // 40: ferry.v1.Ferry.Version:output_type -> ferry.v1.VersionResponse
+	5,  // 41: ferry.v1.Ferry.RunContainer:output_type -> ferry.v1.Container
+	7,  // 42: ferry.v1.Ferry.ListContainers:output_type -> ferry.v1.ListContainersResponse
+	5,  // 43: ferry.v1.Ferry.GetContainer:output_type -> ferry.v1.Container
+	5,  // 44: ferry.v1.Ferry.StopContainer:output_type -> ferry.v1.Container
+	11, // 45: ferry.v1.Ferry.RemoveContainer:output_type -> ferry.v1.RemoveContainerResponse
+	13, // 46: ferry.v1.Ferry.Exec:output_type -> ferry.v1.ExecOutput
+	15, // 47: ferry.v1.Ferry.Logs:output_type -> ferry.v1.LogChunk
+	17, // 48: ferry.v1.Ferry.Events:output_type -> ferry.v1.Event
+	21, // 49: ferry.v1.Ferry.Node:output_type -> ferry.v1.NodeReport
+	23, // 50: ferry.v1.Ferry.Migrate:output_type -> ferry.v1.Migration
+	23, // 51: ferry.v1.Ferry.GetMigration:output_type -> ferry.v1.Migration
+	28, // 52: ferry.v1.Ferry.ListMigrations:output_type -> ferry.v1.ListMigrationsResponse
+	23, // 53: ferry.v1.Ferry.CancelMigration:output_type -> ferry.v1.Migration
+	30, // 54: ferry.v1.Ferry.PrepareIncoming:output_type -> ferry.v1.PrepareIncomingResponse
+	32, // 55: ferry.v1.Ferry.SendImages:output_type -> ferry.v1.SendImagesResponse
+	34, // 56: ferry.v1.Ferry.ProbeBandwidth:output_type -> ferry.v1.ProbeResult
+	36, // 57: ferry.v1.Ferry.RestoreIncoming:output_type -> ferry.v1.RestoreIncomingResponse
+	38, // 58: ferry.v1.Ferry.AbortIncoming:output_type -> ferry.v1.AbortIncomingResponse
+	39, // 59: ferry.v1.Ferry.PageTunnel:output_type -> ferry.v1.TunnelChunk
+	41, // 60: ferry.v1.Ferry.CompleteIncoming:output_type -> ferry.v1.CompleteIncomingResponse
+	40, // [40:61] is the sub-list for method output_type
+	19, // [19:40] is the sub-list for method input_type
 	19, // [19:19] is the sub-list for extension type_name
 	19, // [19:19] is the sub-list for extension extendee
 	0,  // [0:19] is the sub-list for field type_name
@@ -3336,7 +3434,7 @@ func file_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_proto_rawDesc), len(file_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   43,
+			NumMessages:   45,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -38,6 +38,7 @@ const (
 	Ferry_CancelMigration_FullMethodName  = "/ferry.v1.Ferry/CancelMigration"
 	Ferry_PrepareIncoming_FullMethodName  = "/ferry.v1.Ferry/PrepareIncoming"
 	Ferry_SendImages_FullMethodName       = "/ferry.v1.Ferry/SendImages"
+	Ferry_ProbeBandwidth_FullMethodName   = "/ferry.v1.Ferry/ProbeBandwidth"
 	Ferry_RestoreIncoming_FullMethodName  = "/ferry.v1.Ferry/RestoreIncoming"
 	Ferry_AbortIncoming_FullMethodName    = "/ferry.v1.Ferry/AbortIncoming"
 	Ferry_PageTunnel_FullMethodName       = "/ferry.v1.Ferry/PageTunnel"
@@ -93,6 +94,10 @@ type FerryClient interface {
 	PrepareIncoming(ctx context.Context, in *PrepareIncomingRequest, opts ...grpc.CallOption) (*PrepareIncomingResponse, error)
 	// SendImages streams the final images, the upper layer and the log.
 	SendImages(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ImageChunk, SendImagesResponse], error)
+	// ProbeBandwidth: the source streams filler (at most 64 MiB) so that auto
+	// mode can predict a stop-and-copy's downtime; the peer counts it and
+	// drops it.
+	ProbeBandwidth(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ProbeChunk, ProbeResult], error)
 	// RestoreIncoming restores the container, brings its network up and
 	// confirms; after a successful reply the source deletes its copy.
 	RestoreIncoming(ctx context.Context, in *RestoreIncomingRequest, opts ...grpc.CallOption) (*RestoreIncomingResponse, error)
@@ -317,6 +322,19 @@ func (c *ferryClient) SendImages(ctx context.Context, opts ...grpc.CallOption) (
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Ferry_SendImagesClient = grpc.ClientStreamingClient[ImageChunk, SendImagesResponse]
 
+func (c *ferryClient) ProbeBandwidth(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ProbeChunk, ProbeResult], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Ferry_ServiceDesc.Streams[5], Ferry_ProbeBandwidth_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ProbeChunk, ProbeResult]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Ferry_ProbeBandwidthClient = grpc.ClientStreamingClient[ProbeChunk, ProbeResult]
+
 func (c *ferryClient) RestoreIncoming(ctx context.Context, in *RestoreIncomingRequest, opts ...grpc.CallOption) (*RestoreIncomingResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(RestoreIncomingResponse)
@@ -339,7 +357,7 @@ func (c *ferryClient) AbortIncoming(ctx context.Context, in *AbortIncomingReques
 
 func (c *ferryClient) PageTunnel(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[TunnelChunk, TunnelChunk], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &Ferry_ServiceDesc.Streams[5], Ferry_PageTunnel_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &Ferry_ServiceDesc.Streams[6], Ferry_PageTunnel_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -409,6 +427,10 @@ type FerryServer interface {
 	PrepareIncoming(context.Context, *PrepareIncomingRequest) (*PrepareIncomingResponse, error)
 	// SendImages streams the final images, the upper layer and the log.
 	SendImages(grpc.ClientStreamingServer[ImageChunk, SendImagesResponse]) error
+	// ProbeBandwidth: the source streams filler (at most 64 MiB) so that auto
+	// mode can predict a stop-and-copy's downtime; the peer counts it and
+	// drops it.
+	ProbeBandwidth(grpc.ClientStreamingServer[ProbeChunk, ProbeResult]) error
 	// RestoreIncoming restores the container, brings its network up and
 	// confirms; after a successful reply the source deletes its copy.
 	RestoreIncoming(context.Context, *RestoreIncomingRequest) (*RestoreIncomingResponse, error)
@@ -481,6 +503,9 @@ func (UnimplementedFerryServer) PrepareIncoming(context.Context, *PrepareIncomin
 }
 func (UnimplementedFerryServer) SendImages(grpc.ClientStreamingServer[ImageChunk, SendImagesResponse]) error {
 	return status.Errorf(codes.Unimplemented, "method SendImages not implemented")
+}
+func (UnimplementedFerryServer) ProbeBandwidth(grpc.ClientStreamingServer[ProbeChunk, ProbeResult]) error {
+	return status.Errorf(codes.Unimplemented, "method ProbeBandwidth not implemented")
 }
 func (UnimplementedFerryServer) RestoreIncoming(context.Context, *RestoreIncomingRequest) (*RestoreIncomingResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method RestoreIncoming not implemented")
@@ -764,6 +789,13 @@ func _Ferry_SendImages_Handler(srv interface{}, stream grpc.ServerStream) error 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Ferry_SendImagesServer = grpc.ClientStreamingServer[ImageChunk, SendImagesResponse]
 
+func _Ferry_ProbeBandwidth_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(FerryServer).ProbeBandwidth(&grpc.GenericServerStream[ProbeChunk, ProbeResult]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Ferry_ProbeBandwidthServer = grpc.ClientStreamingServer[ProbeChunk, ProbeResult]
+
 func _Ferry_RestoreIncoming_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(RestoreIncomingRequest)
 	if err := dec(in); err != nil {
@@ -913,6 +945,11 @@ var Ferry_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "SendImages",
 			Handler:       _Ferry_SendImages_Handler,
+			ClientStreams: true,
+		},
+		{
+			StreamName:    "ProbeBandwidth",
+			Handler:       _Ferry_ProbeBandwidth_Handler,
 			ClientStreams: true,
 		},
 		{

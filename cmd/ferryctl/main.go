@@ -583,8 +583,9 @@ Modes:
             --max-downtime, the rounds stop shrinking, or --max-rounds; then a short
             freeze for the rest. Needs soft-dirty memory tracking on this kernel.
   auto      (default) precopy where this kernel tracks dirty memory; else stopcopy
-            when its predicted downtime fits --max-downtime, else postcopy where both
-            nodes can; it says which it ran and why.
+            when its predicted downtime (from --bandwidth, the last migration to that
+            node, or else a short probe of the channel) fits --max-downtime, else
+            postcopy where both nodes can; it says which it ran and why.
 The progress is printed per phase, then a summary. Interrupting ferryctl before the
 freeze cancels the migration; afterwards the migration runs to its end on the agent.`,
 		Example: "  ferryctl migrate web --to 10.0.0.2:7443",
