@@ -1358,6 +1358,27 @@ func TestMigratePeerMessages(t *testing.T) {
 		codes.FailedPrecondition, "criu cpuinfo check")
 	want("mode", prep("m-px-3", func(r *api.PrepareIncomingRequest) { r.Mode = "teleport" }), codes.InvalidArgument, `"teleport"`)
 
+	// A bandwidth probe is counted and dropped, up to 64 MiB.
+	probe := func(n int) (int64, error) {
+		s, err := c.ProbeBandwidth(ctx)
+		if err != nil {
+			return 0, err
+		}
+		buf := make([]byte, 1<<20)
+		for i := 0; i < n; i++ {
+			if err := s.Send(&api.ProbeChunk{Data: buf}); err != nil {
+				break // the peer ended it; its status says why
+			}
+		}
+		r, err := s.CloseAndRecv()
+		return r.GetBytes(), err
+	}
+	if n, err := probe(4); err != nil || n != 4<<20 {
+		t.Errorf("a 4 MiB probe: %d bytes counted, %v", n, err)
+	}
+	_, err = probe(65)
+	want("a 65 MiB probe", err, codes.InvalidArgument, "bandwidth probe: more than")
+
 	if err := prep("m-px-4", func(r *api.PrepareIncomingRequest) { r.Mode = "precopy" }); err != nil {
 		t.Fatalf("a valid precopy preparation: %v", err)
 	}
