@@ -86,9 +86,10 @@ func usesCriuConf(lc *libcontainer.Container, dir string) bool {
 }
 
 // warmCriuVersion has libcontainer ask CRIU for its version now, before a
-// freeze: it asks once per container object, at the object's first CRIU
-// call, with a CRIU process of its own. A checkpoint without an image
-// directory asks and then fails at once, before it does anything.
+// freeze or a restore: it asks once per container object, at the object's
+// first CRIU call, with a CRIU process of its own. A checkpoint without an
+// image directory asks and then fails at once, before it does anything
+// (whatever the container's state).
 func warmCriuVersion(lc *libcontainer.Container) {
 	_ = lc.Checkpoint(&libcontainer.CriuOpts{})
 }
@@ -103,6 +104,13 @@ func warmCriuVersion(lc *libcontainer.Container) {
 // read-only (one given CAP_SYS_ADMIN could remount it; its sub-cgroups
 // would not move).
 const criuCgroups = "ignore"
+
+// finalDumpOpts are the options of every final dump (stop-and-copy,
+// post-copy, pre-copy's last): the tasks stay as ferryd froze them, with
+// their established TCP connections and file locks.
+func finalDumpOpts() libcontainer.CriuOpts {
+	return libcontainer.CriuOpts{LeaveRunning: true, TcpEstablished: true, FileLocks: true, ManageCgroupsMode: criuCgroups}
+}
 
 // kerndatCacheProblem says why CRIU cannot keep its cache of kernel probes
 // ("kerndat", /run/criu.kdat), or "". CRIU keeps it only on a tmpfs, so that

@@ -402,8 +402,9 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		return nil, fmt.Errorf("container %q: %w", c.name, err)
 	}
 	warmCriuVersion(lc)
+	here := a.MigrationFeatures()
 	probed := ""
-	if requested == "auto" && pred.Bandwidth == 0 && !a.MigrationFeatures().GetMemDirtyTrack() {
+	if requested == "auto" && pred.Bandwidth == 0 && !here.GetMemDirtyTrack() {
 		// Auto mode predicts from the bandwidth: measure it now, as
 		// neither a cap nor an earlier migration to that node gives it.
 		bw, err := probeBandwidth(ctx, peer.FerryClient, probeSize(pred.MemoryBytes))
@@ -415,7 +416,7 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		}
 	}
 	unfit := postcopyFits(lc, pred.MemoryBytes, rec.Spec.Resources.Ceiling.Memory)
-	mode, reason, err := a.chooseMode(requested, a.MigrationFeatures(), v.GetFeatures(), v.NodeName, pred, unfit)
+	mode, reason, err := a.chooseMode(requested, here, v.GetFeatures(), v.NodeName, pred, unfit)
 	if err != nil {
 		return nil, err
 	}
@@ -596,7 +597,7 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		lazy, err = a.startLazyDump(ctx, lc, images, criuWork, !viaConf)
 	case precopy:
 		var n int64
-		n, _, err = pageSend.dump(ctx, lc, images, criuWork, parentDir, libcontainer.CriuOpts{LeaveRunning: true, TcpEstablished: true, FileLocks: true, ManageCgroupsMode: criuCgroups})
+		n, _, err = pageSend.dump(ctx, lc, images, criuWork, parentDir, finalDumpOpts())
 		m.BytesSent += n
 		if err != nil {
 			err = fmt.Errorf("dump: %w", err)
@@ -607,8 +608,9 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		// ~15 % faster at 1 GiB, but a container whose processes share
 		// much memory copy-on-write then failed to restore on a small
 		// node; not understood yet.)
-		err = lc.Checkpoint(&libcontainer.CriuOpts{ImagesDirectory: images, WorkDirectory: criuWork,
-			LeaveRunning: true, TcpEstablished: true, FileLocks: true, ManageCgroupsMode: criuCgroups})
+		opts := finalDumpOpts()
+		opts.ImagesDirectory, opts.WorkDirectory = images, criuWork
+		err = lc.Checkpoint(&opts)
 		if err != nil {
 			err = fmt.Errorf("dump: %w%s", err, criuLogTail(filepath.Join(criuWork, "dump.log")))
 		}

@@ -223,10 +223,7 @@ func monitor(dir, lcRoot string, logMax int64, restore restoreSource, log *slog.
 		}
 	}()
 	if restore.ctrl != nil {
-		// libcontainer asks CRIU for its version once per container
-		// object, at its first CRIU call (see warmCriuVersion): a restore
-		// without images makes it ask now, and fails right after.
-		_ = c.Restore(p, &libcontainer.CriuOpts{})
+		warmCriuVersion(c)
 		if err := awaitRestore(restore.ctrl, startDaemon); err != nil {
 			_ = w.Close()
 			return 0, errors.Join(err, c.Destroy())

@@ -72,12 +72,12 @@ func (a *Agent) startLazyDump(ctx context.Context, lc *libcontainer.Container, i
 	go func() {
 		// CRIU (criu swrk) is started on this namespace's thread, so its
 		// page server listens there.
-		opts := &libcontainer.CriuOpts{ImagesDirectory: images, WorkDirectory: work,
-			LeaveRunning: true, TcpEstablished: true, FileLocks: true, StatusFd: -1, ManageCgroupsMode: criuCgroups}
+		opts := finalDumpOpts()
+		opts.ImagesDirectory, opts.WorkDirectory, opts.StatusFd = images, work, -1
 		if optLazy {
 			opts.LazyPages, opts.PageServer = true, libcontainer.CriuPageServerInfo{Address: lazyHost, Port: lazyPort}
 		}
-		d.done <- ns.Do(func() error { return lc.Checkpoint(opts) })
+		d.done <- ns.Do(func() error { return lc.Checkpoint(&opts) })
 	}()
 	// The page server listens once the dump is written.
 	c, err := dialWhenListening(ctx, ns, d.done, 5*time.Minute)
