@@ -242,19 +242,12 @@ func TestMigratePostCopyWithoutCriuConf(t *testing.T) {
 // one copy runs, on B, with its address, its TCP connection, its counter
 // and its blob intact.
 func TestVMMigratePreCopy(t *testing.T) {
-	if out, err := exec.Command("criu", "check", "--feature", "mem_dirty_track").CombinedOutput(); err != nil {
-		testenv.Unavailable(t, "no soft-dirty memory tracking on this kernel (criu check --feature mem_dirty_track: "+strings.TrimSpace(string(out))+"); this test runs in the VM tier")
-	}
+	requireSoftDirty(t)
 	p := newMigrationPair(t)
 	p.a.mustCtl("run", "srv", "--mem-guarantee", "32M", "--mem-limit", "128M", "--cpu-guarantee", "0.25", "--cpu-limit", "1",
 		"--", "sh", "-c", onDemandBlobServer)
 	before := p.a.inspect("srv")
-	sum := ""
-	for deadline := time.Now().Add(90 * time.Second); sum == ""; time.Sleep(200 * time.Millisecond) {
-		if sum = lastSum(t, p.a, "srv"); sum == "" && time.Now().After(deadline) {
-			t.Fatal("no checksum within 90s")
-		}
-	}
+	sum := waitFirstSum(t, p.a, "srv", 90*time.Second)
 	conn := p.connect(t, before.IP, 9000)
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
 		if l, _ := conn.snapshot(); len(ticks(l)) >= 5 {
@@ -334,9 +327,7 @@ while true; do sleep 1; if [ -e /sum-now ]; then rm -f /sum-now; echo "sum $(ech
 // container (frozen_ms 0): it ran on A throughout with its memory intact,
 // and nothing is left on B.
 func TestVMMigratePreCopyFaults(t *testing.T) {
-	if out, err := exec.Command("criu", "check", "--feature", "mem_dirty_track").CombinedOutput(); err != nil {
-		testenv.Unavailable(t, "no soft-dirty memory tracking on this kernel (criu check --feature mem_dirty_track: "+strings.TrimSpace(string(out))+"); this test runs in the VM tier")
-	}
+	requireSoftDirty(t)
 	p := newMigrationPair(t)
 	// A CPU guarantee, as in TestVMMigratePreCopy: the emulated guest's CPU
 	// gets scarce while a migration runs, and the elastic controller then
@@ -344,12 +335,7 @@ func TestVMMigratePreCopyFaults(t *testing.T) {
 	p.a.mustCtl("run", "srv", "--mem-guarantee", "32M", "--mem-limit", "128M", "--cpu-guarantee", "0.25", "--cpu-limit", "1",
 		"--", "sh", "-c", onDemandBlobServer)
 	before := p.a.inspect("srv")
-	sum := ""
-	for deadline := time.Now().Add(90 * time.Second); sum == ""; time.Sleep(200 * time.Millisecond) {
-		if sum = lastSum(t, p.a, "srv"); sum == "" && time.Now().After(deadline) {
-			t.Fatal("no checksum within 90s")
-		}
-	}
+	sum := waitFirstSum(t, p.a, "srv", 90*time.Second)
 	// Slow rounds (1 MiB/s), so the fault lands in one.
 	flags := []string{"--mode", "precopy", "--max-downtime", "1ms", "--max-rounds", "8", "--bandwidth", "1M"}
 	failedUnfrozen := func(t *testing.T, out string) {
@@ -434,12 +420,7 @@ func migrateLive(t testing.TB, p *migrationPair, mode string, flags ...string) m
 		time.Sleep(50 * time.Millisecond)
 	}
 	countBefore := lastCount(t, p.a, "srv")
-	sumBefore := ""
-	for deadline := time.Now().Add(90 * time.Second); sumBefore == ""; time.Sleep(100 * time.Millisecond) {
-		if sumBefore = lastSum(t, p.a, "srv"); sumBefore == "" && time.Now().After(deadline) {
-			t.Fatal("the container reported no checksum of its blob within 90s")
-		}
-	}
+	sumBefore := waitFirstSum(t, p.a, "srv", 90*time.Second)
 
 	out, errOut, code := p.a.ctl(append([]string{"migrate", "srv", "--to", p.addrB, "--mode", mode}, flags...)...)
 	if code != 0 {
@@ -539,23 +520,13 @@ const sharedBlobServer = `x=$(head -c 16777216 /dev/urandom | base64)
 func TestMigrateAutoMode(t *testing.T) {
 	raisePipeMax(t)
 	p := newMigrationPair(t)
-	waitSum := func(d *daemon, name string) string {
-		for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
-			if s := lastSum(t, d, name); s != "" {
-				return s
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: no checksum within 20s", name)
-			}
-		}
-	}
 	p.a.mustCtl("run", "priv", "--mem-guarantee", "32M", "--mem-limit", "128M", "--", "sh", "-c", blobServer)
 	// Four processes share the blob (the shell, the summing subshell, the
 	// counting one and the ticking one): a lazy restore would need ~90 MiB
 	// of its 80 MiB ceiling for them; they run in ~50 MiB now.
 	p.a.mustCtl("run", "shared", "--mem-guarantee", "32M", "--mem-limit", "80M", "--", "sh", "-c", sharedBlobServer)
-	sumPriv := waitSum(p.a, "priv")
-	waitSum(p.a, "shared")
+	sumPriv := waitFirstSum(t, p.a, "priv", 20*time.Second)
+	waitFirstSum(t, p.a, "shared", 20*time.Second)
 
 	// A 20 MB/s cap: stop-and-copy of ~45 MiB would take seconds.
 	p.a.mustCtl("migrate", "priv", "--to", p.addrB, "--bandwidth", "20M")
@@ -603,6 +574,29 @@ func TestMigrateAutoMode(t *testing.T) {
 }
 
 // lastSum is the latest "sum" line of the container's log.
+// waitFirstSum waits up to within for the container to print its blob's
+// checksum, and returns the latest.
+func waitFirstSum(t testing.TB, d *daemon, name string, within time.Duration) string {
+	t.Helper()
+	for deadline := time.Now().Add(within); ; time.Sleep(100 * time.Millisecond) {
+		if s := lastSum(t, d, name); s != "" {
+			return s
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s reported no checksum of its blob within %s", name, within)
+		}
+	}
+}
+
+// requireSoftDirty marks t as a VM-tier test: it needs soft-dirty memory
+// tracking, which this machine's kernel lacks.
+func requireSoftDirty(t testing.TB) {
+	t.Helper()
+	if out, err := exec.Command("criu", "check", "--feature", "mem_dirty_track").CombinedOutput(); err != nil {
+		testenv.Unavailable(t, "no soft-dirty memory tracking on this kernel (criu check --feature mem_dirty_track: "+strings.TrimSpace(string(out))+"); this test runs in the VM tier")
+	}
+}
+
 func lastSum(t testing.TB, d *daemon, name string) string {
 	t.Helper()
 	sums := sumLines(d.mustCtl("logs", name))
@@ -1159,12 +1153,7 @@ func TestMigrateFaultsMidTransfer(t *testing.T) {
 	p := newMigrationPair(t)
 	p.a.mustCtl("run", "srv", "--mem-guarantee", "32M", "--mem-limit", "128M", "--", "sh", "-c", blobServer)
 	before := p.a.inspect("srv")
-	sum := ""
-	for deadline := time.Now().Add(20 * time.Second); sum == ""; time.Sleep(100 * time.Millisecond) {
-		if sum = lastSum(t, p.a, "srv"); sum == "" && time.Now().After(deadline) {
-			t.Fatal("no checksum within 20s")
-		}
-	}
+	sum := waitFirstSum(t, p.a, "srv", 20*time.Second)
 	slow := []string{"--bandwidth", "4M"}
 
 	t.Run("stopcopy: peer killed", func(t *testing.T) {
