@@ -207,17 +207,25 @@ func monitor(dir, lcRoot string, logMax int64, restore restoreSource, log *slog.
 		Args: spec.Args, Env: spec.processEnv(), Cwd: spec.Cwd,
 		Stdout: w, Stderr: w, Init: true,
 	}
+	restoreWork := restore.images + "-work"
 	var daemon *lazyDaemon
+	var relay *lazyRelay
 	startDaemon := func() error {
 		if !restore.lazy || daemon != nil {
 			return nil
 		}
 		var err error
-		daemon, err = startLazyDaemon(restore, restore.images+"-work")
+		if daemon, err = startLazyDaemon(restore, restore.images+"-lazy"); err != nil {
+			return err
+		}
+		relay, err = listenLazyRelay(restoreWork, daemon.work, daemon.ready, daemon.done)
 		return err
 	}
 	// Whatever way the monitor leaves, the daemon goes too.
 	defer func() {
+		if relay != nil {
+			relay.close()
+		}
 		if daemon != nil {
 			daemon.stop()
 		}
@@ -237,9 +245,16 @@ func monitor(dir, lcRoot string, logMax int64, restore restoreSource, log *slog.
 		// The restored tasks' stdout and stderr are re-attached to our pipe
 		// (libcontainer maps the dumped pipes to the process's stdio).
 		err = c.Restore(p, &libcontainer.CriuOpts{
-			ImagesDirectory: restore.images, WorkDirectory: restore.images + "-work",
+			ImagesDirectory: restore.images, WorkDirectory: restoreWork,
 			TcpEstablished: true, FileLocks: true, LazyPages: restore.lazy, StatusFd: -1, ManageCgroupsMode: criuCgroups,
 		})
+		if err != nil && relay != nil {
+			select {
+			case rerr := <-relay.done:
+				err = errors.Join(err, rerr)
+			default:
+			}
+		}
 		if err != nil {
 			_ = w.Close()
 			derr := c.Destroy()
@@ -270,6 +285,14 @@ func monitor(dir, lcRoot string, logMax int64, restore restoreSource, log *slog.
 	log.Info("container running", "pid", pid)
 	started(ii)
 	if daemon != nil {
+		go func() {
+			if err := <-relay.done; err != nil {
+				// The daemon has not all the tasks' userfaultfds: their
+				// missing pages would never come.
+				log.Error("post-copy: the restore's lazy-pages socket", "err", err)
+				daemon.stop()
+			}
+		}()
 		go func() {
 			err := daemon.wait()
 			if err != nil {

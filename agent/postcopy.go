@@ -34,7 +34,8 @@ import (
 //	   ===== PageTunnel (gRPC, mutual TLS) =====
 //	dest:   ferryd listens on 127.0.0.1:lazyPort of a private namespace
 //	        <- `criu lazy-pages` dials it; `criu restore --lazy-pages`
-//	        hands the restored tasks' userfaultfds to that daemon
+//	        hands the restored tasks' userfaultfds to that daemon (through
+//	        the monitor's relay, lazysock.go, so that the two start together)
 //
 // Each namespace is the migration's own, so the one fixed port never
 // collides and nothing else on either host can reach the pages.
@@ -307,13 +308,16 @@ func (in *incoming) closeLazy() {
 // lazyDaemon is `criu lazy-pages`, run by the monitor of a post-copy
 // restore.
 type lazyDaemon struct {
-	cmd  *exec.Cmd
-	done chan struct{}
-	err  error
+	cmd   *exec.Cmd
+	work  string        // its working directory: its socket and log
+	ready chan struct{} // closed once its socket exists
+	done  chan struct{}
+	err   error
 }
 
-// startLazyDaemon starts criu lazy-pages in the namespace of rs.netns and
-// waits for its socket, which the restore connects to.
+// startLazyDaemon starts criu lazy-pages in the namespace of rs.netns,
+// working in work; ready closes once its socket exists (the restore
+// reaches it through a lazyRelay).
 func startLazyDaemon(rs restoreSource, work string) (*lazyDaemon, error) {
 	if err := os.MkdirAll(work, 0o700); err != nil {
 		return nil, err
@@ -327,7 +331,7 @@ func startLazyDaemon(rs restoreSource, work string) (*lazyDaemon, error) {
 	if err := ns.Start(cmd); err != nil {
 		return nil, fmt.Errorf("start criu lazy-pages: %w", err)
 	}
-	d := &lazyDaemon{cmd: cmd, done: make(chan struct{})}
+	d := &lazyDaemon{cmd: cmd, work: work, ready: make(chan struct{}), done: make(chan struct{})}
 	go func() {
 		err := cmd.Wait()
 		if err != nil {
@@ -336,23 +340,12 @@ func startLazyDaemon(rs restoreSource, work string) (*lazyDaemon, error) {
 		d.err = err
 		close(d.done)
 	}()
-	sock := filepath.Join(work, "lazy-pages.socket")
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if _, err := os.Stat(sock); err == nil {
-			return d, nil
+	go func() {
+		if !waitForSocket(filepath.Join(work, lazySockName), d.ready, d.done, 30*time.Second) {
+			d.stop() // not up in time: the relay gives up on it
 		}
-		select {
-		case <-d.done:
-			return nil, fmt.Errorf("criu lazy-pages ended before it listened: %w", d.err)
-		default:
-		}
-		if time.Now().After(deadline) {
-			d.stop()
-			return nil, fmt.Errorf("criu lazy-pages: no %s within 30s", sock)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+	}()
+	return d, nil
 }
 
 func (d *lazyDaemon) wait() error {
