@@ -607,7 +607,9 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		// (Through the page server, dumping and sending overlap and were
 		// ~15 % faster at 1 GiB, but a container whose processes share
 		// much memory copy-on-write then failed to restore on a small
-		// node; not understood yet.)
+		// node. Likely the restore's OOM kill at the container's memory
+		// limit that monitor.go now lifts during restores; that path was
+		// not tried again since.)
 		opts := finalDumpOpts()
 		opts.ImagesDirectory, opts.WorkDirectory = images, criuWork
 		err = lc.Checkpoint(&opts)

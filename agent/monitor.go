@@ -186,6 +186,17 @@ func monitor(dir, lcRoot string, logMax int64, restore restoreSource, log *slog.
 	if err := atomicfile.ReadJSON(filepath.Join(dir, lcConfigFile), &cfg); err != nil {
 		return 0, fmt.Errorf("read libcontainer config: %w", err)
 	}
+	if restore.images != "" && cfg.Cgroups != nil && cfg.Cgroups.Resources != nil {
+		// No memory limit of the container's own while CRIU restores it
+		// (the node's parent cgroup still bounds it): libcontainer puts
+		// CRIU into the container's cgroup, where the page cache of the
+		// images it reads is charged too, and processes that share memory
+		// copy-on-write are in the images once each. At the ceiling (or
+		// at the guarantee, on a node short of memory) such restores were
+		// OOM-killed now and then. ferryd writes the limits as soon as
+		// the restore returns (elastic Add).
+		cfg.Cgroups.Resources.Memory = 0
+	}
 	logOut, err := openCappedLog(filepath.Join(dir, logFile), logMax)
 	if err != nil {
 		return 0, err
