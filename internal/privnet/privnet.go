@@ -136,6 +136,15 @@ func (n *NS) Dial(ctx context.Context, addr string) (net.Conn, error) {
 	return c, err
 }
 
+// Join puts the calling thread into the namespace and leaves it there: for
+// a thread whose namespaces its owner puts back (criuview's Do).
+func (n *NS) Join() error {
+	if err := netns.Set(n.h); err != nil {
+		return fmt.Errorf("enter private network namespace: %w", err)
+	}
+	return nil
+}
+
 // Start starts cmd in the namespace.
 func (n *NS) Start(cmd *exec.Cmd) error {
 	return n.Do(cmd.Start)
