@@ -24,6 +24,7 @@ import (
 	"github.com/ferry-agent/ferry/agent/api"
 	"github.com/ferry-agent/ferry/cgroup"
 	"github.com/ferry-agent/ferry/internal/atomicfile"
+	"github.com/ferry-agent/ferry/internal/criuview"
 	"github.com/ferry-agent/ferry/internal/proc"
 	"github.com/ferry-agent/ferry/netsetup"
 	"github.com/ferry-agent/ferry/sysctlguard"
@@ -141,6 +142,7 @@ type Agent struct {
 	ctrs map[string]*container
 
 	criuVersion string
+	criuView    *criuview.View // CRIU's /run where the host's is not a tmpfs
 	checks      criuChecks
 	rootfs      rootfsDigests
 	watchers    sync.WaitGroup
@@ -199,8 +201,17 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 		}
 	}
 	a.criuVersion = criuVersion(cfg.CriuPath)
-	if why := kerndatCacheProblem(); why != "" {
-		log.Warn("CRIU probes the kernel anew on every call (~25 ms each, several inside a migration's freeze)", "reason", why)
+	if why := criuview.Problem(); why != "" {
+		v, err := criuview.Setup(filepath.Join(cfg.Root, "criu-run"), cfg.RunDir)
+		if err != nil {
+			log.Warn("CRIU probes the kernel anew on every call (~25 ms each, several inside a migration's freeze)", "reason", why, "err", err)
+		} else {
+			a.criuView = v
+			log.Info("CRIU keeps its kernel probes on a tmpfs of ferryd's, its /run", "reason", why, "tmpfs", v.Tmpfs())
+			// The first CRIU call probes and keeps the results: now, rather
+			// than in a migration's freeze.
+			go a.checks.run(a.criuView, a.cfg.CriuPath)
+		}
 	}
 	policy, err := sysctlguard.NewPolicy(cfg.SysctlAllow)
 	if err != nil {
@@ -415,6 +426,9 @@ func (a *Agent) Close() {
 	a.watchers.Wait()
 	if a.net != nil {
 		a.net.Close()
+	}
+	if err := a.criuView.Close(); err != nil {
+		a.log.Warn("unmount CRIU's /run", "err", err)
 	}
 }
 

@@ -7,7 +7,6 @@ import (
 
 	"github.com/opencontainers/runc/libcontainer"
 	"github.com/opencontainers/runtime-spec/specs-go"
-	"golang.org/x/sys/unix"
 
 	"github.com/ferry-agent/ferry/internal/atomicfile"
 )
@@ -110,19 +109,4 @@ const criuCgroups = "ignore"
 // their established TCP connections and file locks.
 func finalDumpOpts() libcontainer.CriuOpts {
 	return libcontainer.CriuOpts{LeaveRunning: true, TcpEstablished: true, FileLocks: true, ManageCgroupsMode: criuCgroups}
-}
-
-// kerndatCacheProblem says why CRIU cannot keep its cache of kernel probes
-// ("kerndat", /run/criu.kdat), or "". CRIU keeps it only on a tmpfs, so that
-// a reboot clears it: where /run is not one (systemd always mounts one),
-// every CRIU call probes the kernel again.
-func kerndatCacheProblem() string {
-	var st unix.Statfs_t
-	if err := unix.Statfs("/run", &st); err != nil {
-		return "/run: " + err.Error()
-	}
-	if st.Type != unix.TMPFS_MAGIC {
-		return "/run is not a tmpfs"
-	}
-	return ""
 }

@@ -9,6 +9,7 @@ import (
 	"sync"
 
 	"github.com/ferry-agent/ferry/agent/api"
+	"github.com/ferry-agent/ferry/internal/criuview"
 	"github.com/ferry-agent/ferry/migrate"
 )
 
@@ -28,18 +29,22 @@ type criuChecks struct {
 	dirtyTrackWhy, uffdWhy string
 }
 
-func (c *criuChecks) run(criu string) {
+func (c *criuChecks) run(view *criuview.View, criu string) {
 	c.once.Do(func() {
-		c.dirtyTrack, c.dirtyTrackWhy = criuFeature(criu, "mem_dirty_track")
-		c.uffd, c.uffdWhy = criuFeature(criu, "uffd-noncoop")
+		c.dirtyTrack, c.dirtyTrackWhy = criuFeature(view, criu, "mem_dirty_track")
+		c.uffd, c.uffdWhy = criuFeature(view, criu, "uffd-noncoop")
 	})
 }
 
-func criuFeature(criu, name string) (bool, string) {
+func criuFeature(view *criuview.View, criu, name string) (bool, string) {
 	if criu == "" {
 		criu = "criu"
 	}
-	out, err := exec.Command(criu, "check", "--feature", name).CombinedOutput()
+	var out []byte
+	err := view.Do(func() (err error) {
+		out, err = exec.Command(criu, "check", "--feature", name).CombinedOutput()
+		return err
+	})
 	if err != nil {
 		return false, fmt.Sprintf("criu check --feature %s: %s", name, lastLine(string(out), err))
 	}
@@ -57,7 +62,7 @@ func lastLine(out string, err error) string {
 // MigrationFeatures reports what CRIU can do on this node. The pipe limit
 // is read each time: an operator may raise it while ferryd runs.
 func (a *Agent) MigrationFeatures() *api.MigrationFeatures {
-	a.checks.run(a.cfg.CriuPath)
+	a.checks.run(a.criuView, a.cfg.CriuPath)
 	f := &api.MigrationFeatures{MemDirtyTrack: a.checks.dirtyTrack, LazyPages: a.checks.uffd}
 	switch {
 	case !a.checks.uffd:

@@ -264,7 +264,7 @@ func (a *Agent) stageRestore(in *incoming) error {
 	if err := atomicfile.WriteJSON(filepath.Join(c.dir, lcConfigFile), cfg, 0o600); err != nil {
 		return err
 	}
-	rs := restoreSource{images: in.images}
+	rs := restoreSource{images: in.images, view: a.criuView}
 	if in.mode == migrate.ModePostCopy {
 		nsf, err := in.pageNS.File()
 		if err != nil {

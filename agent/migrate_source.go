@@ -507,7 +507,7 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 	var pageSend *pageSender
 	parentDir := ""
 	if precopy {
-		if pageSend, err = newPageSender(peer, id, pace); err != nil {
+		if pageSend, err = newPageSender(a.criuView, peer, id, pace); err != nil {
 			return nil, fmt.Errorf("page sender: %w", err)
 		}
 		defer pageSend.close()
@@ -612,7 +612,7 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		// not tried again since.)
 		opts := finalDumpOpts()
 		opts.ImagesDirectory, opts.WorkDirectory = images, criuWork
-		err = lc.Checkpoint(&opts)
+		err = a.criuView.Do(func() error { return lc.Checkpoint(&opts) })
 		if err != nil {
 			err = fmt.Errorf("dump: %w%s", err, criuLogTail(filepath.Join(criuWork, "dump.log")))
 		}

@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -22,6 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferry-agent/ferry/internal/atomicfile"
+	"github.com/ferry-agent/ferry/internal/criuview"
 	"github.com/ferry-agent/ferry/internal/proc"
 )
 
@@ -81,6 +83,8 @@ type restoreSource struct {
 	// monitorProc.command. The monitor creates the container and gets
 	// ready, then waits here; the freeze on the source comes meanwhile.
 	ctrl *os.File
+	// CRIU's /run (criuview), where the host's is not a tmpfs.
+	view *criuview.View
 }
 
 func monitorCommand(self, dir, lcRoot string, logMax int64, restore restoreSource, ready, ctrl *os.File) (*exec.Cmd, error) {
@@ -93,6 +97,12 @@ func monitorCommand(self, dir, lcRoot string, logMax int64, restore restoreSourc
 		args = append(args, "--restore", restore.images)
 		if restore.lazy {
 			args = append(args, "--lazy-pages", "--criu", restore.criu)
+		}
+		if t := restore.view.Tmpfs(); t != "" {
+			args = append(args, "--criu-run", t)
+			for _, k := range restore.view.Keep() {
+				args = append(args, "--criu-run-keep", k)
+			}
 		}
 	}
 	extra := []*os.File{ready} // fd 3
@@ -124,6 +134,9 @@ func RunMonitor(args []string) int {
 	restore := fs.String("restore", "", "restore the container from these CRIU images instead of starting it")
 	lazy := fs.Bool("lazy-pages", false, "post-copy: run criu lazy-pages (work dir IMAGES-work) in the network namespace on fd 4 and restore the memory from it")
 	criu := fs.String("criu", "criu", "the criu binary, for --lazy-pages")
+	criuRun := fs.String("criu-run", "", "with --restore: a tmpfs CRIU is to see as /run (its kernel probe cache; criuview)")
+	var criuKeep stringList
+	fs.Var(&criuKeep, "criu-run-keep", "with --criu-run: a directory under /run to keep in CRIU's view (repeatable)")
 	staged := fs.Int("staged", 0, "with --restore: get ready, then restore when fd N says so ('i': the images are in; 'r': restore; EOF: give up)")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -147,7 +160,7 @@ func RunMonitor(args []string) int {
 			ready = nil
 		}
 	}
-	rs := restoreSource{images: *restore, lazy: *lazy, criu: *criu}
+	rs := restoreSource{images: *restore, lazy: *lazy, criu: *criu, view: criuview.FromArgs(*criuRun, criuKeep)}
 	if *lazy {
 		rs.netns = os.NewFile(4, "netns")
 	}
@@ -255,9 +268,13 @@ func monitor(dir, lcRoot string, logMax int64, restore restoreSource, log *slog.
 	if restore.images != "" {
 		// The restored tasks' stdout and stderr are re-attached to our pipe
 		// (libcontainer maps the dumped pipes to the process's stdio).
-		err = c.Restore(p, &libcontainer.CriuOpts{
-			ImagesDirectory: restore.images, WorkDirectory: restoreWork,
-			TcpEstablished: true, FileLocks: true, LazyPages: restore.lazy, StatusFd: -1, ManageCgroupsMode: criuCgroups,
+		// On a thread of its own in CRIU's /run (criuview): libcontainer
+		// starts CRIU from the calling thread.
+		err = restore.view.Do(func() error {
+			return c.Restore(p, &libcontainer.CriuOpts{
+				ImagesDirectory: restore.images, WorkDirectory: restoreWork,
+				TcpEstablished: true, FileLocks: true, LazyPages: restore.lazy, StatusFd: -1, ManageCgroupsMode: criuCgroups,
+			})
 		})
 		if err != nil && relay != nil {
 			select {
@@ -374,3 +391,9 @@ func awaitRestore(ctrl *os.File, imagesIn func() error) error {
 		}
 	}
 }
+
+// stringList is a repeatable string flag.
+type stringList []string
+
+func (l *stringList) String() string     { return strings.Join(*l, ",") }
+func (l *stringList) Set(s string) error { *l = append(*l, s); return nil }

@@ -71,14 +71,20 @@ func (a *Agent) startLazyDump(ctx context.Context, lc *libcontainer.Container, i
 		}
 	}()
 	go func() {
-		// CRIU (criu swrk) is started on this namespace's thread, so its
-		// page server listens there.
+		// CRIU (criu swrk) is started on a thread in this namespace, so
+		// its page server listens there (and, where the host's /run is no
+		// tmpfs, with criuview's /run).
 		opts := finalDumpOpts()
 		opts.ImagesDirectory, opts.WorkDirectory, opts.StatusFd = images, work, -1
 		if optLazy {
 			opts.LazyPages, opts.PageServer = true, libcontainer.CriuPageServerInfo{Address: lazyHost, Port: lazyPort}
 		}
-		d.done <- ns.Do(func() error { return lc.Checkpoint(&opts) })
+		d.done <- a.criuView.Do(func() error {
+			if err := ns.Join(); err != nil {
+				return err
+			}
+			return lc.Checkpoint(&opts)
+		})
 	}()
 	// The page server listens once the dump is written.
 	c, err := dialWhenListening(ctx, ns, d.done, 5*time.Minute)

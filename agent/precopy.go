@@ -20,6 +20,7 @@ import (
 
 	"github.com/ferry-agent/ferry/agent/api"
 	"github.com/ferry-agent/ferry/agent/client"
+	"github.com/ferry-agent/ferry/internal/criuview"
 	"github.com/ferry-agent/ferry/internal/privnet"
 	"github.com/ferry-agent/ferry/migrate"
 )
@@ -66,6 +67,7 @@ func validatePageDirs(dir, parent string) error {
 
 // pageSender is the source's end of pre-copy's page traffic.
 type pageSender struct {
+	view *criuview.View // CRIU's /run
 	ns   *privnet.NS
 	ln   *net.TCPListener
 	peer *client.Client
@@ -74,7 +76,7 @@ type pageSender struct {
 	sent atomic.Int64
 }
 
-func newPageSender(peer *client.Client, id string, pace *pacer) (*pageSender, error) {
+func newPageSender(view *criuview.View, peer *client.Client, id string, pace *pacer) (*pageSender, error) {
 	ns, err := privnet.New()
 	if err != nil {
 		return nil, err
@@ -84,7 +86,7 @@ func newPageSender(peer *client.Client, id string, pace *pacer) (*pageSender, er
 		_ = ns.Close()
 		return nil, fmt.Errorf("page listener: %w", err)
 	}
-	return &pageSender{ns: ns, ln: ln, peer: peer, id: id, pace: pace}, nil
+	return &pageSender{view: view, ns: ns, ln: ln, peer: peer, id: id, pace: pace}, nil
 }
 
 func (s *pageSender) close() {
@@ -108,7 +110,12 @@ func (s *pageSender) dump(ctx context.Context, lc *libcontainer.Container, image
 	go func() {
 		// CRIU (criu swrk) starts on the namespace's thread and connects
 		// to ferryd's listener there.
-		done <- s.ns.Do(func() error { return lc.Checkpoint(&opts) })
+		done <- s.view.Do(func() error {
+			if err := s.ns.Join(); err != nil {
+				return err
+			}
+			return lc.Checkpoint(&opts)
+		})
 	}()
 	conn, err := acceptOr(s.ln, done)
 	if err != nil {
