@@ -773,6 +773,9 @@ func (a *Agent) finishMigratedAway(c *container, peerNode string) error {
 	if err := atomicfile.WriteJSON(filepath.Join(c.dir, specFile), rec, 0o600); err != nil {
 		return err
 	}
+	if err := failpoint.Check("source-cleanup"); err != nil {
+		return err
+	}
 	if err := a.kill(c.name, ii); err != nil {
 		return err
 	}

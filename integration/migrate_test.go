@@ -1048,6 +1048,52 @@ func TestMigrateSourceKilled(t *testing.T) {
 	})
 }
 
+// TestMigrateSourceCleanupFails: A's removal of its frozen copy fails after
+// B confirmed (failpoint source-cleanup). The migration stands (never
+// undone): the container runs on B alone, A's copy stays frozen, and A's
+// next start removes it.
+func TestMigrateSourceCleanupFails(t *testing.T) {
+	p := newMigrationPair(t)
+	p.a.restartWith("source-cleanup")
+	p.a.mustCtl("run", "srv", "--", "sh", "-c", counter)
+	before := p.a.inspect("srv")
+	waitCountAbove(t, p.a, "srv", 2, 10*time.Second)
+	p.a.mustCtl("migrate", "srv", "--to", p.addrB, "--mode", "stopcopy")
+	if m := lastMigration(t, p.a); m.State != "succeeded" {
+		t.Fatalf("A's record: %+v, want succeeded", m)
+	}
+	if c := p.b.inspect("srv"); c.State != "running" || c.IP != before.IP {
+		t.Fatalf("B: %+v", c)
+	}
+	// One running copy: A's is still there, frozen.
+	if !pidAlive(before.Pid) {
+		t.Fatal("A's copy is gone: the failpoint did not hold the removal")
+	}
+	n := lastCount(t, p.a, "srv")
+	waitCountAbove(t, p.b, "srv", lastCount(t, p.b, "srv")+3, 10*time.Second)
+	if m := lastCount(t, p.a, "srv"); m != n {
+		t.Fatalf("A's copy counted on (%d -> %d) while B ran it", n, m)
+	}
+	p.a.restartWith("")
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, errOut, _ := p.a.ctl("inspect", "srv"); grpcCode(errOut) == "NotFound" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("A still has srv 30s after its restart: %+v", p.a.inspect("srv"))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if pidAlive(before.Pid) {
+		t.Error("A's frozen copy is still alive after A's restart")
+	}
+	p.a.assertNoTrace(t, "srv")
+	waitCountAbove(t, p.b, "srv", lastCount(t, p.b, "srv")+3, 10*time.Second)
+	p.b.mustCtl("rm", "-f", "srv")
+	p.b.assertNoTrace(t, "srv")
+}
+
 type migrationRecord struct {
 	ID            string `json:"id"`
 	Mode          string `json:"mode"`
