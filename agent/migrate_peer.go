@@ -560,6 +560,9 @@ func (a *Agent) RestoreIncoming(ctx context.Context, id string) (_ *api.RestoreI
 	a.events.Publish(Event{Type: EventContainerMigratedIn, Container: c.name, Message: "restored from a migration",
 		Attrs: map[string]string{"migration": id, "pid": fmt.Sprint(ii.Pid), "restore_ms": fmt.Sprint(restoreMs)}})
 	a.log.Info("incoming migration restored", "container", c.name, "pid", ii.Pid, "restore_ms", restoreMs)
+	if err := failpoint.Check("peer-restored"); err != nil {
+		a.log.Warn("failpoint", "err", err) // the answer was held; it goes now
+	}
 	return &api.RestoreIncomingResponse{Pid: int64(ii.Pid), RestoreMs: restoreMs}, nil
 }
 

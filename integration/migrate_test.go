@@ -1048,6 +1048,64 @@ func TestMigrateSourceKilled(t *testing.T) {
 	})
 }
 
+// TestMigrateRestoreAnswerLost: B restored and runs the container, but its
+// answer never reaches A (B holds it, failpoint peer-restored, and the wire
+// is cut meanwhile). A cannot know whether B runs it: its copy stays
+// frozen; once B answers again A learns that B runs it and removes its
+// own. Exactly one copy runs throughout, at the end on B.
+func TestMigrateRestoreAnswerLost(t *testing.T) {
+	p := newMigrationPair(t)
+	p.b.restartWith("peer-restored=sleep")
+	p.a.mustCtl("run", "srv", "--", "sh", "-c", counter)
+	before := p.a.inspect("srv")
+	waitCountAbove(t, p.a, "srv", 2, 10*time.Second)
+	done := migrateInBackground(p, "srv", "--mode", "stopcopy")
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, _, code := p.b.ctl("inspect", "srv"); code == 0 && p.b.inspect("srv").State == "running" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("srv never ran on B")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "down")
+	wireUp := false
+	defer func() {
+		if !wireUp {
+			mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "up")
+		}
+	}()
+	if out := waitOutput(t, done, 90*time.Second); !strings.Contains(out, "stays frozen here until the peer answers") {
+		t.Errorf("migrate output:\n%s", out)
+	}
+	if c := p.a.inspect("srv"); c.StatusReason == "" || !pidAlive(before.Pid) {
+		t.Fatalf("A's copy should be there, frozen: %+v", c)
+	}
+	n := lastCount(t, p.a, "srv")
+	waitCountAbove(t, p.b, "srv", lastCount(t, p.b, "srv")+3, 10*time.Second)
+	if m := lastCount(t, p.a, "srv"); m != n {
+		t.Fatalf("A's copy counted on (%d -> %d) while B ran it", n, m)
+	}
+	mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "up")
+	wireUp = true
+	waitNoTrace(t, p.a, "srv", 60*time.Second)
+	if pidAlive(before.Pid) {
+		t.Error("A's frozen copy is still alive")
+	}
+	if m := lastMigration(t, p.a); m.State != "succeeded" {
+		t.Errorf("A's record: %+v, want succeeded", m)
+	}
+	if c := p.b.inspect("srv"); c.State != "running" || c.IP != before.IP {
+		t.Fatalf("B: %+v", c)
+	}
+	waitCountAbove(t, p.b, "srv", lastCount(t, p.b, "srv")+3, 10*time.Second)
+	p.a.assertNoNetnsLeak(t)
+	p.b.mustCtl("rm", "-f", "srv")
+	p.b.assertNoTrace(t, "srv")
+}
+
 // TestMigrateSourceCleanupFails: A's removal of its frozen copy fails after
 // B confirmed (failpoint source-cleanup). The migration stands (never
 // undone): the container runs on B alone, A's copy stays frozen, and A's
