@@ -127,9 +127,12 @@ func relayLazyMessages(from, to *net.UnixConn) error {
 			return fmt.Errorf("userfaultfd of %d: %w", v, err)
 		}
 		fds, err := socketRights(oob[:oobn])
-		if err != nil || len(fds) != 1 {
+		if err != nil {
+			return fmt.Errorf("userfaultfd of %d: %w", v, err)
+		}
+		if len(fds) != 1 {
 			closeFds(fds)
-			return fmt.Errorf("userfaultfd of %d: want one descriptor, got %d (%v)", v, len(fds), err)
+			return fmt.Errorf("userfaultfd of %d: want one descriptor, got %d", v, len(fds))
 		}
 		_, _, err = to.WriteMsgUnix(b[:], unix.UnixRights(fds[0]), nil)
 		_ = unix.Close(fds[0]) // the daemon holds its own copy now

@@ -39,7 +39,7 @@ func daemonSide(t *testing.T, c *net.UnixConn, n int) (pids []int32, inodes []ui
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }()
 	fd := int(f.Fd())
 	for i := 0; i < n; i++ {
 		var w [4]byte
@@ -80,7 +80,7 @@ func unixPair(t *testing.T) (*net.UnixConn, *net.UnixConn) {
 	}
 	conn := func(fd int) *net.UnixConn {
 		f := os.NewFile(uintptr(fd), "pair")
-		defer f.Close()
+		defer func() { _ = f.Close() }()
 		c, err := net.FileConn(f)
 		if err != nil {
 			t.Fatal(err)
@@ -182,7 +182,7 @@ func TestLazyRelayWaitsForTheDaemon(t *testing.T) {
 	if err != nil {
 		t.Fatalf("the restore's connect: %v", err)
 	}
-	defer rc.Close()
+	defer func() { _ = rc.Close() }()
 	f, ino := pipeInode(t)
 	restoreSide(t, rc, []int32{5, lazyRestoreFinished}, []*os.File{f, nil})
 
@@ -193,14 +193,14 @@ func TestLazyRelayWaitsForTheDaemon(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
+	defer func() { _ = ln.Close() }()
 	go waitForSocket(filepath.Join(daemonWork, lazySockName), ready, ended, 10*time.Second)
 	_ = ln.SetDeadline(time.Now().Add(10 * time.Second))
 	dc, err := ln.AcceptUnix()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer dc.Close()
+	defer func() { _ = dc.Close() }()
 	pids, inodes := daemonSide(t, dc, 2)
 	if pids[0] != 5 || pids[1] != lazyRestoreFinished || len(inodes) != 1 || inodes[0] != ino {
 		t.Fatalf("got pids %v inodes %v, want [5 RSTF] [%d]", pids, inodes, ino)
@@ -227,7 +227,7 @@ func TestLazyRelayDaemonEndsFirst(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer rc.Close()
+	defer func() { _ = rc.Close() }()
 	close(ended)
 	select {
 	case err := <-r.done:

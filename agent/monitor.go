@@ -208,7 +208,7 @@ func monitor(dir, lcRoot string, logMax int64, restore restoreSource, log *slog.
 		// at the guarantee, on a node short of memory) such restores were
 		// OOM-killed now and then. ferryd writes the limits as soon as
 		// the restore returns (elastic Add).
-		cfg.Cgroups.Resources.Memory = 0
+		cfg.Cgroups.Memory = 0
 	}
 	logOut, err := openCappedLog(filepath.Join(dir, logFile), logMax)
 	if err != nil {

@@ -48,7 +48,7 @@ func TestEnterShowsTheTmpfsAsRunAndKeepsWhatItMust(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer os.RemoveAll(keep)
+	defer func() { _ = os.RemoveAll(keep) }()
 	if err := os.WriteFile(filepath.Join(keep, "marker"), []byte("kept"), 0o600); err != nil {
 		t.Fatal(err)
 	}
