@@ -34,7 +34,9 @@ import (
 //     server's address and port go into the file too: given in the call
 //     (CriuOpts.PageServer) they would make CRIU, which reads the file
 //     after the call's options, push pages to a server instead. (CRIU then
-//     also listens on that address only, not on every one.)
+//     also listens on that address only, not on every one.) ferryd's own
+//     dump request (criudump.go) would not run that check either; the file
+//     stays where these options are said, for every way CRIU is called.
 //
 // A container created before ferry wrote this file has no annotation: its
 // calls go the way libcontainer's options alone give (usesCriuConf), and

@@ -612,7 +612,7 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		// not tried again since.)
 		opts := finalDumpOpts()
 		opts.ImagesDirectory, opts.WorkDirectory = images, criuWork
-		err = a.criuView.Do(func() error { return lc.Checkpoint(&opts) })
+		err = a.criuView.Do(func() error { return criuDump(lc, &opts) })
 		if err != nil {
 			err = fmt.Errorf("dump: %w%s", err, criuLogTail(filepath.Join(criuWork, "dump.log")))
 		}

@@ -83,7 +83,7 @@ func (a *Agent) startLazyDump(ctx context.Context, lc *libcontainer.Container, i
 			if err := ns.Join(); err != nil {
 				return err
 			}
-			return lc.Checkpoint(&opts)
+			return criuDump(lc, &opts)
 		})
 	}()
 	// The page server listens once the dump is written.

@@ -114,7 +114,7 @@ func (s *pageSender) dump(ctx context.Context, lc *libcontainer.Container, image
 			if err := s.ns.Join(); err != nil {
 				return err
 			}
-			return lc.Checkpoint(&opts)
+			return criuDump(lc, &opts)
 		})
 	}()
 	conn, err := acceptOr(s.ln, done)
