@@ -9,8 +9,8 @@ import (
 	"strings"
 
 	criu "github.com/checkpoint-restore/go-criu/v7"
-	securejoin "github.com/cyphar/filepath-securejoin"
 	criurpc "github.com/checkpoint-restore/go-criu/v7/rpc"
+	securejoin "github.com/cyphar/filepath-securejoin"
 	"github.com/opencontainers/cgroups"
 	"github.com/opencontainers/runc/libcontainer"
 	"github.com/opencontainers/runc/libcontainer/configs"
