@@ -48,10 +48,18 @@ func criuDump(lc *libcontainer.Container, o *libcontainer.CriuOpts) error {
 	}
 	defer closeDirs()
 	c := criu.MakeCriu() // "criu" from PATH, as libcontainer runs it
-	if o.PreDump {
-		return c.PreDump(req, nil)
+	if err := c.Prepare(); err != nil {
+		return err
 	}
-	return c.Dump(req, nil)
+	if o.PreDump {
+		err = c.PreDump(req, nil)
+		// After a pre-dump CRIU waits for the next one and ends with an
+		// error when the connection closes instead (libcontainer ignores
+		// that exit for pre-dumps too): the answer above is what counts.
+		_ = c.Cleanup()
+		return err
+	}
+	return errors.Join(c.Dump(req, nil), c.Cleanup())
 }
 
 func dumpRequest(lc *libcontainer.Container, o *libcontainer.CriuOpts) (*criurpc.CriuOpts, func(), error) {
