@@ -322,10 +322,10 @@ while true; do sleep 1; if [ -e /sum-now ]; then rm -f /sum-now; echo "sum $(ech
 ` + server
 
 // TestVMMigratePreCopyFaults (VM tier: it needs soft-dirty): faults while
-// pre-copy rounds run, before any freeze: B's ferryd killed -9, and the
-// wire cut. Each time the migration fails without ever freezing the
-// container (frozen_ms 0): it ran on A throughout with its memory intact,
-// and nothing is left on B.
+// pre-copy rounds run, before any freeze: B's ferryd killed -9, the wire
+// cut, and A's ferryd killed -9. Each time the migration fails without
+// ever freezing the container (frozen_ms 0): it ran on A throughout with
+// its memory intact, and nothing is left on B.
 func TestVMMigratePreCopyFaults(t *testing.T) {
 	requireSoftDirty(t)
 	p := newMigrationPair(t)
@@ -373,6 +373,27 @@ func TestVMMigratePreCopyFaults(t *testing.T) {
 		failedUnfrozen(t, out)
 		waitIntactOnA(t, p, "srv", before, "", 30*time.Second)
 		askSum(t, p.a, "srv", sum)
+		waitNoTrace(t, p.b, "srv", 3*time.Minute)
+		p.a.assertNoNetnsLeak(t)
+		p.b.assertNoNetnsLeak(t)
+	})
+	t.Run("source killed in a round", func(t *testing.T) {
+		done := migrateInBackground(p, "srv", flags...)
+		waitPhase(t, p.a, "precopy", 2*time.Minute)
+		time.Sleep(time.Second)
+		p.a.kill9()
+		waitOutput(t, done, 2*time.Minute) // ferryctl loses its daemon
+		p.a.start()
+		// Never frozen by ferryd: A's restart finds it running where it was
+		// (CRIU, left alone mid-round, lets go of its tasks when its page
+		// stream breaks) and records the migration as ended.
+		waitIntactOnA(t, p, "srv", before, "", 60*time.Second)
+		askSum(t, p.a, "srv", sum)
+		if rec := lastMigration(t, p.a); rec.State == "running" || rec.FrozenMs != 0 {
+			t.Errorf("A's record after its restart: state %s, frozen %d ms", rec.State, rec.FrozenMs)
+		}
+		// B drops its half when the page stream breaks (at the latest at
+		// its idle timeout).
 		waitNoTrace(t, p.b, "srv", 3*time.Minute)
 		p.a.assertNoNetnsLeak(t)
 		p.b.assertNoNetnsLeak(t)
