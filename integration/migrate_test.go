@@ -323,7 +323,7 @@ while true; do sleep 1; if [ -e /sum-now ]; then rm -f /sum-now; echo "sum $(ech
 
 // TestVMMigratePreCopyFaults (VM tier: it needs soft-dirty): faults while
 // pre-copy rounds run, before any freeze: B's ferryd killed -9, the wire
-// cut, and A's ferryd killed -9. Each time the migration fails without
+// cut, A's ferryd killed -9, and A's CRIU failing. Each time the migration fails without
 // ever freezing the container (frozen_ms 0): it ran on A throughout with
 // its memory intact, and nothing is left on B.
 func TestVMMigratePreCopyFaults(t *testing.T) {
@@ -395,6 +395,39 @@ func TestVMMigratePreCopyFaults(t *testing.T) {
 		// B drops its half when the page stream breaks (at the latest at
 		// its idle timeout).
 		waitNoTrace(t, p.b, "srv", 3*time.Minute)
+		p.a.assertNoNetnsLeak(t)
+		p.b.assertNoNetnsLeak(t)
+	})
+	t.Run("CRIU fails in a round", func(t *testing.T) {
+		// A's ferryd runs a criu whose service runs (criu swrk: the
+		// pre-dumps) exit with an error, a real CRIU process failing
+		// where the first round would run.
+		real, err := exec.LookPath("criu")
+		if err != nil {
+			t.Fatal(err)
+		}
+		wrapper := filepath.Join(t.TempDir(), "criu-fails")
+		script := "#!/bin/sh\nif [ \"$1\" = swrk ]; then echo 'criu: injected pre-dump failure' >&2; exit 1; fi\nexec " + real + " \"$@\"\n"
+		if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		extra := p.a.extra
+		p.a.kill9()
+		p.a.extra = append(append([]string(nil), extra...), "--criu", wrapper)
+		p.a.start()
+		defer func() {
+			p.a.kill9()
+			p.a.extra = extra
+			p.a.start()
+		}()
+		out := waitOutput(t, migrateInBackground(p, "srv", "--mode", "precopy", "--max-downtime", "1ms", "--max-rounds", "8"), 2*time.Minute)
+		failedUnfrozen(t, out)
+		if !strings.Contains(out, "pre-copy: round 1:") {
+			t.Errorf("the failure does not name the round:\n%s", out)
+		}
+		waitIntactOnA(t, p, "srv", before, "", 30*time.Second)
+		askSum(t, p.a, "srv", sum)
+		waitNoTrace(t, p.b, "srv", time.Minute)
 		p.a.assertNoNetnsLeak(t)
 		p.b.assertNoNetnsLeak(t)
 	})
