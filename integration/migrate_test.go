@@ -1102,6 +1102,55 @@ func TestMigrateSourceKilled(t *testing.T) {
 	})
 }
 
+// TestMigrateFaultsAtTheFreeze: A holds the container frozen with its link
+// cut (failpoint source-frozen, before the dump) while B holds a staged
+// restore; then B's ferryd is killed -9, or the wire is cut. A's dump then
+// fails, A thaws the container where it was with its address back (B never
+// had it), and B drops its staged restore: at its restart, or, cut off,
+// when its idle timeout passes.
+func TestMigrateFaultsAtTheFreeze(t *testing.T) {
+	p := newMigrationPair(t)
+	p.a.restartWith("source-frozen=sleep")
+	p.a.mustCtl("run", "srv", "--", "sh", "-c", counter)
+	before := p.a.inspect("srv")
+	waitCountAbove(t, p.a, "srv", 2, 10*time.Second)
+	t.Run("peer killed", func(t *testing.T) {
+		done := migrateInBackground(p, "srv")
+		waitPhase(t, p.a, "freeze", 30*time.Second)
+		time.Sleep(300 * time.Millisecond) // into the failpoint
+		p.b.kill9()
+		if out := waitOutput(t, done, 2*time.Minute); !strings.Contains(out, "rolled_back") {
+			t.Errorf("migrate output:\n%s", out)
+		}
+		waitIntactOnA(t, p, "srv", before, "", 10*time.Second)
+		waitCountAbove(t, p.a, "srv", lastCount(t, p.a, "srv"), 10*time.Second)
+		p.b.start()
+		p.b.assertNoTrace(t, "srv")
+		p.a.assertNoNetnsLeak(t)
+		p.b.assertNoNetnsLeak(t)
+	})
+	t.Run("wire cut", func(t *testing.T) {
+		done := migrateInBackground(p, "srv")
+		waitPhase(t, p.a, "freeze", 30*time.Second)
+		time.Sleep(300 * time.Millisecond)
+		mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "down")
+		out := waitOutput(t, done, 2*time.Minute)
+		mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "up")
+		if !strings.Contains(out, "rolled_back") {
+			t.Errorf("migrate output:\n%s", out)
+		}
+		waitIntactOnA(t, p, "srv", before, "", 10*time.Second)
+		waitCountAbove(t, p.a, "srv", lastCount(t, p.a, "srv"), 10*time.Second)
+		// B was not told (A's abort found no route): its idle timeout
+		// (2 minutes) removes the staged restore, monitor included.
+		waitNoTrace(t, p.b, "srv", 3*time.Minute)
+		p.a.assertNoNetnsLeak(t)
+		p.b.assertNoNetnsLeak(t)
+	})
+	p.a.mustCtl("rm", "-f", "srv")
+	p.a.assertNoTrace(t, "srv")
+}
+
 // TestMigrateRestoreAnswerLost: B restored and runs the container, but its
 // answer never reaches A (B holds it, failpoint peer-restored, and the wire
 // is cut meanwhile). A cannot know whether B runs it: its copy stays
