@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"syscall"
 	"time"
@@ -371,9 +372,14 @@ func listenUnix(path string) (net.Listener, error) {
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("socket %s: remove stale: %w", path, err)
 	}
+	// One thread sets the umask, creates the socket and puts the umask
+	// back (threads that ran CRIU in criuview have a filesystem context,
+	// and so a umask, of their own).
+	runtime.LockOSThread()
 	old := unix.Umask(0o177)
 	l, err := net.Listen("unix", path)
 	unix.Umask(old)
+	runtime.UnlockOSThread()
 	if err != nil {
 		return nil, fmt.Errorf("socket %s: %w", path, err)
 	}
