@@ -54,7 +54,14 @@ func setup(run, dir string, keep ...string) (*View, error) {
 		return nil, fmt.Errorf("CRIU's /run: %w", err)
 	}
 	v := &View{tmpfs: dir}
-	if !isTmpfs(dir) {
+	switch {
+	case isMountPoint(dir) && isTmpfs(dir):
+		// An earlier ferryd's (killed before it could unmount it): this
+		// one's now, cache and all.
+		v.mounted = true
+	case isTmpfs(dir):
+		// On a tmpfs already (the state directory is): nothing to mount.
+	default:
 		v.mounted = true
 		if err := unix.Mount("ferry-criu-run", dir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "size=4m,mode=0755"); err != nil {
 			return nil, fmt.Errorf("CRIU's /run: mount tmpfs on %s: %w", dir, err)
@@ -239,6 +246,16 @@ func Problem() string {
 		return "/run is not a tmpfs"
 	}
 	return ""
+}
+
+// isMountPoint tells whether something is mounted at dir (its device
+// differs from its parent's).
+func isMountPoint(dir string) bool {
+	var st, parent unix.Stat_t
+	if unix.Stat(dir, &st) != nil || unix.Stat(filepath.Dir(dir), &parent) != nil {
+		return false
+	}
+	return st.Dev != parent.Dev
 }
 
 func isTmpfs(path string) bool {

@@ -198,3 +198,35 @@ func TestDoPutsTheThreadBack(t *testing.T) {
 		}
 	}
 }
+
+// A ferryd killed -9 leaves its tmpfs mounted; the next one takes it over
+// (its cache too) and unmounts it when it stops.
+func TestSetupTakesOverAnEarlierTmpfs(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := filepath.Join(t.TempDir(), "criu-run")
+	first, err := setup("/run", dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(dir, unix.MNT_DETACH) })
+	if !isMountPoint(dir) || !isTmpfs(dir) {
+		t.Fatal("no tmpfs mounted")
+	}
+	if err := os.WriteFile(filepath.Join(first.Tmpfs(), "criu.kdat"), []byte("cache"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// The first one dies without Close; the next one starts.
+	next, err := setup("/run", dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(filepath.Join(next.Tmpfs(), "criu.kdat")); err != nil || string(b) != "cache" {
+		t.Errorf("the cache did not survive: %q %v", b, err)
+	}
+	if err := next.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if isMountPoint(dir) {
+		t.Fatal("still mounted after Close")
+	}
+}
