@@ -1151,6 +1151,34 @@ func TestMigrateFaultsAtTheFreeze(t *testing.T) {
 	p.a.assertNoTrace(t, "srv")
 }
 
+// TestMigrateSourceKilledDuringRestore: A's ferryd is killed -9 while B
+// holds its restore (failpoint peer-restore, before CRIU runs). A's restart
+// asks B, which does not run the container: A tells B to drop it and thaws
+// its copy; B's held restore then fails and leaves nothing.
+func TestMigrateSourceKilledDuringRestore(t *testing.T) {
+	p := newMigrationPair(t)
+	p.b.restartWith("peer-restore=sleep")
+	p.a.mustCtl("run", "srv", "--", "sh", "-c", counter)
+	before := p.a.inspect("srv")
+	waitCountAbove(t, p.a, "srv", 2, 10*time.Second)
+	done := migrateInBackground(p, "srv", "--mode", "stopcopy")
+	waitPhase(t, p.a, "restore", 30*time.Second)
+	time.Sleep(300 * time.Millisecond) // into B's held restore
+	p.a.kill9()
+	waitOutput(t, done, time.Minute) // ferryctl loses its daemon
+	p.a.start()
+	waitIntactOnA(t, p, "srv", before, "", 2*time.Minute)
+	waitCountAbove(t, p.a, "srv", lastCount(t, p.a, "srv"), 10*time.Second)
+	if m := lastMigration(t, p.a); m.State != "rolled_back" {
+		t.Errorf("A's record: %+v, want rolled_back", m)
+	}
+	waitNoTrace(t, p.b, "srv", 2*time.Minute)
+	p.a.assertNoNetnsLeak(t)
+	p.b.assertNoNetnsLeak(t)
+	p.a.mustCtl("rm", "-f", "srv")
+	p.a.assertNoTrace(t, "srv")
+}
+
 // TestMigrateRestoreAnswerLost: B restored and runs the container, but its
 // answer never reaches A (B holds it, failpoint peer-restored, and the wire
 // is cut meanwhile). A cannot know whether B runs it: its copy stays
