@@ -22,7 +22,7 @@ import (
 // libcontainer's Checkpoint, for one reason: libcontainer always asks for
 // CRIU's debug log (level 4), and at that level CRIU writes a line for
 // every run of pages it finds and lists its page pipes in full, ~5,000
-// lines for a 1 GiB process at ~10 µs each here: ~40-50 ms of a post-copy
+// lines for a 1 GiB process at ~10 µs each here: ~35-40 ms of a post-copy
 // dump, with the container frozen. CRIU takes the level from the call only
 // (its configuration file cannot lower it). ferryd asks for warnings and
 // errors (dumpLogLevel), which is what the error messages quote anyway.
