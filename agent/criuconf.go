@@ -77,13 +77,8 @@ func writeCriuConf(dir string, call criuCall) error {
 // usesCriuConf tells whether lc's CRIU calls read the configuration file in
 // dir (the container was created with the annotation).
 func usesCriuConf(lc *libcontainer.Container, dir string) bool {
-	want := criuConfAnnotation + "=" + filepath.Join(dir, criuConfFile)
-	for _, l := range lc.Config().Labels {
-		if l == want {
-			return true
-		}
-	}
-	return false
+	f, ok := criuConfLabel(lc.Config().Labels)
+	return ok && f == filepath.Join(dir, criuConfFile)
 }
 
 // warmCriuVersion has libcontainer ask CRIU for its version now, before a

@@ -11,7 +11,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -135,8 +134,11 @@ func RunMonitor(args []string) int {
 	lazy := fs.Bool("lazy-pages", false, "post-copy: run criu lazy-pages (work dir IMAGES-work) in the network namespace on fd 4 and restore the memory from it")
 	criu := fs.String("criu", "criu", "the criu binary, for --lazy-pages")
 	criuRun := fs.String("criu-run", "", "with --restore: a tmpfs CRIU is to see as /run (its kernel probe cache; criuview)")
-	var criuKeep stringList
-	fs.Var(&criuKeep, "criu-run-keep", "with --criu-run: a directory under /run to keep in CRIU's view (repeatable)")
+	var criuKeep []string
+	fs.Func("criu-run-keep", "with --criu-run: a directory under /run to keep in CRIU's view (repeatable)", func(s string) error {
+		criuKeep = append(criuKeep, s)
+		return nil
+	})
 	staged := fs.Int("staged", 0, "with --restore: get ready, then restore when fd N says so ('i': the images are in; 'r': restore; EOF: give up)")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -391,9 +393,3 @@ func awaitRestore(ctrl *os.File, imagesIn func() error) error {
 		}
 	}
 }
-
-// stringList is a repeatable string flag.
-type stringList []string
-
-func (l *stringList) String() string     { return strings.Join(*l, ",") }
-func (l *stringList) Set(s string) error { *l = append(*l, s); return nil }
