@@ -84,7 +84,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -92,10 +91,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netns"
-
 	"github.com/ferry-agent/ferry/agent/client"
 	"github.com/ferry-agent/ferry/internal/pki"
+	"github.com/ferry-agent/ferry/internal/privnet"
 	"github.com/ferry-agent/ferry/internal/testenv"
 	"github.com/ferry-agent/ferry/migrate"
 )
@@ -1106,22 +1104,13 @@ func writeTotalTimes(t *strings.Builder, wireMiBps float64, warm *migFigures, re
 // and returns the rate in MiB/s.
 func wireBandwidth(rig *migRig, mib int) (float64, error) {
 	inNS := func(ns string, f func() error) error {
-		errc := make(chan error, 1)
-		go func() {
-			runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
-			h, err := netns.GetFromName(ns)
-			if err != nil {
-				errc <- err
-				return
-			}
-			defer func() { _ = h.Close() }()
-			if err := netns.Set(h); err != nil {
-				errc <- err
-				return
-			}
-			errc <- f()
-		}()
-		return <-errc
+		nsf, err := os.Open("/run/netns/" + ns)
+		if err != nil {
+			return err
+		}
+		n := privnet.FromFile(nsf)
+		defer func() { _ = n.Close() }()
+		return n.Do(f)
 	}
 	host, _, _ := net.SplitHostPort(rig.addrB)
 	var ln net.Listener

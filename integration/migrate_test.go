@@ -402,24 +402,7 @@ func TestVMMigratePreCopyFaults(t *testing.T) {
 		// A's ferryd runs a criu whose service runs (criu swrk: the
 		// pre-dumps) exit with an error, a real CRIU process failing
 		// where the first round would run.
-		real, err := exec.LookPath("criu")
-		if err != nil {
-			t.Fatal(err)
-		}
-		wrapper := filepath.Join(t.TempDir(), "criu-fails")
-		script := "#!/bin/sh\nif [ \"$1\" = swrk ]; then echo 'criu: injected pre-dump failure' >&2; exit 1; fi\nexec " + real + " \"$@\"\n"
-		if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		extra := p.a.extra
-		p.a.kill9()
-		p.a.extra = append(append([]string(nil), extra...), "--criu", wrapper)
-		p.a.start()
-		defer func() {
-			p.a.kill9()
-			p.a.extra = extra
-			p.a.start()
-		}()
+		defer restartWithFailingCriu(t, p.a, "pre-dump")()
 		out := waitOutput(t, migrateInBackground(p, "srv", "--mode", "precopy", "--max-downtime", "1ms", "--max-rounds", "8"), 2*time.Minute)
 		failedUnfrozen(t, out)
 		if !strings.Contains(out, "pre-copy: round 1:") {
@@ -790,24 +773,7 @@ func TestMigrateFailuresRollBack(t *testing.T) {
 	t.Run("CRIU fails on the source", func(t *testing.T) {
 		// A's ferryd runs a criu that fails every dump (criu swrk), a real
 		// CRIU process exiting with an error where the dump would run.
-		real, err := exec.LookPath("criu")
-		if err != nil {
-			t.Fatal(err)
-		}
-		wrapper := filepath.Join(t.TempDir(), "criu-fails")
-		script := "#!/bin/sh\nif [ \"$1\" = swrk ]; then echo 'criu: injected dump failure' >&2; exit 1; fi\nexec " + real + " \"$@\"\n"
-		if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		extra := p.a.extra
-		p.a.kill9()
-		p.a.extra = append(append([]string(nil), extra...), "--criu", wrapper)
-		p.a.start()
-		defer func() {
-			p.a.kill9()
-			p.a.extra = extra
-			p.a.start()
-		}()
+		defer restartWithFailingCriu(t, p.a, "dump")()
 		migrateFails(t, p, "srv", "dump", "rolled_back")
 		assertIntactOnA(t, p, "srv", before)
 		p.b.assertNoTrace(t, "srv")
@@ -1235,6 +1201,33 @@ func TestMigrateRestoreAnswerLost(t *testing.T) {
 	p.a.assertNoNetnsLeak(t)
 	p.b.mustCtl("rm", "-f", "srv")
 	p.b.assertNoTrace(t, "srv")
+}
+
+// restartWithFailingCriu restarts d with a criu (--criu) whose service
+// runs (criu swrk: dumps and pre-dumps) exit with an error, a real process
+// failing where CRIU would work, saying "injected <what> failure"; the
+// other commands go to the real criu. The returned func restarts d as it
+// was.
+func restartWithFailingCriu(t *testing.T, d *daemon, what string) (restore func()) {
+	t.Helper()
+	real, err := exec.LookPath("criu")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrapper := filepath.Join(t.TempDir(), "criu-fails")
+	script := "#!/bin/sh\nif [ \"$1\" = swrk ]; then echo 'criu: injected " + what + " failure' >&2; exit 1; fi\nexec " + real + " \"$@\"\n"
+	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	extra := d.extra
+	d.kill9()
+	d.extra = append(append([]string(nil), extra...), "--criu", wrapper)
+	d.start()
+	return func() {
+		d.kill9()
+		d.extra = extra
+		d.start()
+	}
 }
 
 // TestMigrateSourceCleanupFails: A's removal of its frozen copy fails after
