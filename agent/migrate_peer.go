@@ -234,6 +234,9 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingReq
 		log.Warn("incoming migration timed out; removing what was prepared")
 		_ = a.AbortIncoming(context.Background(), id, "timed out")
 	})
+	if err := failpoint.Check("peer-prepared"); err != nil {
+		return nil, err
+	}
 	if err := ctx.Err(); err != nil {
 		// The source gave up (cancelled, or cut off) while this was being
 		// prepared: its abort may have come before there was anything.

@@ -474,6 +474,9 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 			_ = abortPeer(retErr.Error())
 		}
 	}()
+	if err := failpoint.Check("source-prepared"); err != nil {
+		return nil, err
+	}
 
 	work := a.workDir(id)
 	images := filepath.Join(work, "images")
@@ -920,7 +923,12 @@ func (a *Agent) recoverMigrations() {
 			continue
 		}
 		if st, err := lc.Status(); err != nil || st != libcontainer.Paused {
-			continue // never frozen, or already thawed: it runs here
+			// Never frozen, or already thawed: it runs here. Before
+			// the restore was asked for, the peer cannot run it; what
+			// it prepared is dropped now rather than held (with its
+			// reservation) until its idle timeout.
+			a.endUnfrozen(m)
+			continue
 		}
 		a.mu.Lock()
 		c.reason = fmt.Sprintf("frozen by migration %s to %s, interrupted by a ferryd restart; settling with the peer", m.Id, m.Peer)
@@ -928,6 +936,55 @@ func (a *Agent) recoverMigrations() {
 		a.settleInBackground(m, c, lc)
 	}
 	a.interrupted = nil
+}
+
+// endUnfrozen records as failed a migration ferryd died in while its
+// container still ran here, and, if it died before asking the peer to
+// restore, tells the peer to drop what it prepared (in the background,
+// retried until the peer's own idle timeout would have done it).
+func (a *Agent) endUnfrozen(m *api.Migration) {
+	m = proto.Clone(m).(*api.Migration)
+	m.State, m.Error, m.FinishedAt = MigrationFailed, "interrupted: ferryd restarted during the migration, before the freeze", ts(time.Now())
+	a.saveMigration(m)
+	switch m.Phase {
+	case "restore", "postcopy", "cleanup", "done":
+		return // the peer may run it: not this function's case (it is frozen here then)
+	}
+	a.watchers.Add(1)
+	go func() {
+		defer a.watchers.Done()
+		deadline := time.Now().Add(incomingTimeout)
+		for {
+			err := a.abortAtPeer(m, "source restarted before the freeze")
+			if err == nil || time.Now().After(deadline) {
+				if err != nil {
+					a.log.Warn("interrupted migration: the peer was not told", "migration", m.Id, "err", err)
+				}
+				return
+			}
+			select {
+			case <-a.done:
+				return
+			case <-time.After(5 * time.Second):
+			}
+		}
+	}()
+}
+
+// abortAtPeer tells m's peer to drop what it holds of m; a peer that holds
+// nothing of it is as good.
+func (a *Agent) abortAtPeer(m *api.Migration, reason string) error {
+	peer, err := client.DialTLS(m.Peer, a.cfg.TLSDir)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = peer.Close() }()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := peer.AbortIncoming(ctx, &api.AbortIncomingRequest{MigrationId: m.Id, Reason: reason}); err != nil && status.Code(err) != codes.NotFound {
+		return err
+	}
+	return nil
 }
 
 // settleInBackground settles with the peer, until it answers, a migration

@@ -1117,6 +1117,103 @@ func TestMigrateFaultsAtTheFreeze(t *testing.T) {
 	p.a.assertNoTrace(t, "srv")
 }
 
+// TestMigrateFaultsInTheHandshake: a ferryd dies while the peer prepares
+// (admits and reserves the guarantee, makes the netns and a staged
+// restore), or the source dies just after the peer prepared. Nothing was
+// frozen yet: the container runs on A where it was throughout, and B drops
+// all it prepared, its reservation included: at its restart, when it sees
+// its caller gone, or when A's restart tells it (not at its 2-minute idle
+// timeout).
+func TestMigrateFaultsInTheHandshake(t *testing.T) {
+	p := newMigrationPair(t)
+	p.a.mustCtl("run", "srv", "--mem-guarantee", "32M", "--", "sh", "-c", counter)
+	before := p.a.inspect("srv")
+	waitCountAbove(t, p.a, "srv", 2, 10*time.Second)
+	baseB := p.b.node().Memory.Guaranteed
+	// staged waits until B has prepared srv as far as its staged restore
+	// (a monitor of srv's directory), so that the fault finds it all made.
+	staged := func(t *testing.T) {
+		t.Helper()
+		dir := filepath.Join(p.b.root, "containers", "srv") + "\x00"
+		deadline := time.Now().Add(30 * time.Second)
+		for len(processesWaitGone(dir, 0)) == 0 {
+			if time.Now().After(deadline) {
+				t.Fatal("B never staged the restore of srv")
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if g := p.b.node().Memory.Guaranteed; g < baseB+32<<20 {
+			t.Fatalf("B's guaranteed memory is %v while it prepares, want the 32 MiB reservation above %v", g, baseB)
+		}
+		time.Sleep(300 * time.Millisecond) // into the failpoint
+	}
+	releasedOnB := func(t *testing.T, within time.Duration) {
+		t.Helper()
+		waitNoTrace(t, p.b, "srv", within)
+		if g := p.b.node().Memory.Guaranteed; g != baseB {
+			t.Errorf("B's guaranteed memory is %v after the fault, want %v: the reservation leaked", g, baseB)
+		}
+		p.a.assertNoNetnsLeak(t)
+		p.b.assertNoNetnsLeak(t)
+	}
+	failedOnA := func(t *testing.T, wantErr string) {
+		t.Helper()
+		if m := lastMigration(t, p.a); m.State != "failed" || m.FrozenMs != 0 || !strings.Contains(m.Error, wantErr) {
+			t.Errorf("A's record: %+v, want failed without a freeze, naming %q", m, wantErr)
+		}
+	}
+
+	t.Run("peer killed while it prepares", func(t *testing.T) {
+		p.b.restartWith("peer-prepared=sleep")
+		done := migrateInBackground(p, "srv")
+		staged(t)
+		p.b.kill9()
+		out := waitOutput(t, done, time.Minute)
+		if !strings.Contains(out, "refused") {
+			t.Errorf("migrate output:\n%s", out)
+		}
+		failedOnA(t, "refused")
+		assertIntactOnA(t, p, "srv", before)
+		p.b.failpoints = ""
+		p.b.start()
+		releasedOnB(t, 10*time.Second)
+	})
+	t.Run("source killed while the peer prepares", func(t *testing.T) {
+		// B finishes its preparation (the failpoint only delays it) after
+		// its caller is gone, sees that, and undoes it all by itself.
+		p.b.restartWith("peer-prepared=delay")
+		done := migrateInBackground(p, "srv")
+		staged(t)
+		p.a.kill9()
+		waitOutput(t, done, time.Minute) // ferryctl loses its daemon
+		releasedOnB(t, 10*time.Second)
+		p.a.start()
+		waitIntactOnA(t, p, "srv", before, "", 10*time.Second)
+		failedOnA(t, "before the freeze")
+		p.b.restartWith("")
+	})
+	t.Run("source killed after the peer prepared", func(t *testing.T) {
+		// B holds a complete preparation nobody will use; A's restart
+		// tells it to drop it.
+		p.a.restartWith("source-prepared=sleep")
+		done := migrateInBackground(p, "srv")
+		staged(t)
+		p.a.kill9()
+		waitOutput(t, done, time.Minute)
+		time.Sleep(time.Second)
+		if len(processesWaitGone(filepath.Join(p.b.root, "containers", "srv")+"\x00", 0)) == 0 {
+			t.Fatal("B dropped its preparation by itself: the check below would not show that A's restart tells it to")
+		}
+		p.a.failpoints = ""
+		p.a.start()
+		waitIntactOnA(t, p, "srv", before, "", 10*time.Second)
+		releasedOnB(t, 30*time.Second)
+		failedOnA(t, "before the freeze")
+	})
+	p.a.mustCtl("rm", "-f", "srv")
+	p.a.assertNoTrace(t, "srv")
+}
+
 // TestMigrateSourceKilledDuringRestore: A's ferryd is killed -9 while B
 // holds its restore (failpoint peer-restore, before CRIU runs). A's restart
 // asks B, which does not run the container: A tells B to drop it and thaws
@@ -1146,61 +1243,92 @@ func TestMigrateSourceKilledDuringRestore(t *testing.T) {
 }
 
 // TestMigrateRestoreAnswerLost: B restored and runs the container, but its
-// answer never reaches A (B holds it, failpoint peer-restored, and the wire
-// is cut meanwhile). A cannot know whether B runs it: its copy stays
-// frozen; once B answers again A learns that B runs it and removes its
-// own. Exactly one copy runs throughout, at the end on B.
+// answer never reaches A: B holds it (failpoint peer-restored) while the
+// wire is cut, or while B's ferryd is killed -9 (its restart reattaches
+// the container, as any restart does). A cannot know whether B runs it:
+// its copy stays frozen; once B answers again A learns that B runs it and
+// removes its own. Exactly one copy runs throughout, at the end on B.
 func TestMigrateRestoreAnswerLost(t *testing.T) {
 	p := newMigrationPair(t)
-	p.b.restartWith("peer-restored=sleep")
-	p.a.mustCtl("run", "srv", "--", "sh", "-c", counter)
-	before := p.a.inspect("srv")
-	waitCountAbove(t, p.a, "srv", 2, 10*time.Second)
-	done := migrateInBackground(p, "srv", "--mode", "stopcopy")
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if _, _, code := p.b.ctl("inspect", "srv"); code == 0 && p.b.inspect("srv").State == "running" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("srv never ran on B")
-		}
-		time.Sleep(50 * time.Millisecond)
+	for _, fault := range []string{"wire cut", "peer killed"} {
+		t.Run(fault, func(t *testing.T) {
+			p.b.restartWith("peer-restored=sleep")
+			p.a.mustCtl("run", "srv", "--", "sh", "-c", counter)
+			before := p.a.inspect("srv")
+			waitCountAbove(t, p.a, "srv", 2, 10*time.Second)
+			done := migrateInBackground(p, "srv", "--mode", "stopcopy")
+			deadline := time.Now().Add(30 * time.Second)
+			for {
+				if _, _, code := p.b.ctl("inspect", "srv"); code == 0 && p.b.inspect("srv").State == "running" {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("srv never ran on B")
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			var bPid int
+			heal := func() {}
+			if fault == "wire cut" {
+				mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "down")
+				healed := false
+				heal = func() {
+					if !healed {
+						healed = true
+						mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "up")
+					}
+				}
+				defer heal()
+			} else {
+				bPid = p.b.inspect("srv").Pid
+				p.b.kill9()
+				defer func() {
+					if p.b.cmd == nil {
+						p.b.start()
+					}
+				}()
+				heal = func() {
+					p.b.failpoints = ""
+					p.b.start()
+				}
+			}
+			if out := waitOutput(t, done, 90*time.Second); !strings.Contains(out, "stays frozen here until the peer answers") {
+				t.Errorf("migrate output:\n%s", out)
+			}
+			if c := p.a.inspect("srv"); c.StatusReason == "" || !pidAlive(before.Pid) {
+				t.Fatalf("A's copy should be there, frozen: %+v", c)
+			}
+			n := lastCount(t, p.a, "srv")
+			if fault == "wire cut" {
+				waitCountAbove(t, p.b, "srv", lastCount(t, p.b, "srv")+3, 10*time.Second)
+			} else {
+				// B's copy runs on without its ferryd.
+				time.Sleep(2 * time.Second)
+				if !pidAlive(bPid) {
+					t.Fatal("B's restored copy died with its ferryd")
+				}
+			}
+			if m := lastCount(t, p.a, "srv"); m != n {
+				t.Fatalf("A's copy counted on (%d -> %d) while B ran it", n, m)
+			}
+			heal()
+			waitNoTrace(t, p.a, "srv", 60*time.Second)
+			if pidAlive(before.Pid) {
+				t.Error("A's frozen copy is still alive")
+			}
+			if m := lastMigration(t, p.a); m.State != "succeeded" {
+				t.Errorf("A's record: %+v, want succeeded", m)
+			}
+			c := p.b.inspect("srv")
+			if c.State != "running" || c.IP != before.IP || (bPid != 0 && c.Pid != bPid) {
+				t.Fatalf("B: %+v (its restored copy was pid %d)", c, bPid)
+			}
+			waitCountAbove(t, p.b, "srv", lastCount(t, p.b, "srv")+3, 10*time.Second)
+			p.a.assertNoNetnsLeak(t)
+			p.b.mustCtl("rm", "-f", "srv")
+			p.b.assertNoTrace(t, "srv")
+		})
 	}
-	mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "down")
-	wireUp := false
-	defer func() {
-		if !wireUp {
-			mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "up")
-		}
-	}()
-	if out := waitOutput(t, done, 90*time.Second); !strings.Contains(out, "stays frozen here until the peer answers") {
-		t.Errorf("migrate output:\n%s", out)
-	}
-	if c := p.a.inspect("srv"); c.StatusReason == "" || !pidAlive(before.Pid) {
-		t.Fatalf("A's copy should be there, frozen: %+v", c)
-	}
-	n := lastCount(t, p.a, "srv")
-	waitCountAbove(t, p.b, "srv", lastCount(t, p.b, "srv")+3, 10*time.Second)
-	if m := lastCount(t, p.a, "srv"); m != n {
-		t.Fatalf("A's copy counted on (%d -> %d) while B ran it", n, m)
-	}
-	mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "up")
-	wireUp = true
-	waitNoTrace(t, p.a, "srv", 60*time.Second)
-	if pidAlive(before.Pid) {
-		t.Error("A's frozen copy is still alive")
-	}
-	if m := lastMigration(t, p.a); m.State != "succeeded" {
-		t.Errorf("A's record: %+v, want succeeded", m)
-	}
-	if c := p.b.inspect("srv"); c.State != "running" || c.IP != before.IP {
-		t.Fatalf("B: %+v", c)
-	}
-	waitCountAbove(t, p.b, "srv", lastCount(t, p.b, "srv")+3, 10*time.Second)
-	p.a.assertNoNetnsLeak(t)
-	p.b.mustCtl("rm", "-f", "srv")
-	p.b.assertNoTrace(t, "srv")
 }
 
 // restartWithFailingCriu restarts d with a criu (--criu) whose service

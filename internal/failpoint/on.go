@@ -23,6 +23,9 @@ func Check(name string) error {
 		case "sleep":
 			time.Sleep(time.Minute)
 			return fmt.Errorf("failpoint %s: slept", name)
+		case "delay":
+			time.Sleep(3 * time.Second)
+			return nil
 		default:
 			return fmt.Errorf("failpoint %s: injected failure", name)
 		}
