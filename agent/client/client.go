@@ -139,6 +139,10 @@ func DialTLS(addr, tlsDir string) (*Client, error) {
 	return DialTLSWith(addr, tlsDir)
 }
 
+// PeerWindow is the HTTP/2 flow-control window of connections between
+// agents, per stream and per connection.
+const PeerWindow = 16 << 20
+
 // DialTLSWith is DialTLS with more gRPC options (a custom dialer, say).
 func DialTLSWith(addr, tlsDir string, extra ...grpc.DialOption) (*Client, error) {
 	cert, err := tls.LoadX509KeyPair(filepath.Join(tlsDir, "node.pem"), filepath.Join(tlsDir, "node-key.pem"))
@@ -161,7 +165,8 @@ func DialTLSWith(addr, tlsDir string, extra ...grpc.DialOption) (*Client, error)
 	// Keepalive pings find a dead peer or a cut wire within seconds, so a
 	// migration that loses its peer rolls back instead of hanging.
 	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(creds),
-		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 5 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true})}, extra...)
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 5 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true}),
+		grpc.WithInitialWindowSize(PeerWindow), grpc.WithInitialConnWindowSize(PeerWindow)}, extra...)
 	conn, err := grpc.NewClient(addr, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("address %q: %w", addr, err)
