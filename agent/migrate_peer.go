@@ -205,11 +205,17 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingReq
 			_ = os.RemoveAll(filepath.Dir(in.images))
 		}
 	}()
-	if mode != migrate.ModeStopCopy {
-		if err := in.preparePages(); err != nil {
-			return nil, fmt.Errorf("container %q: %s: %w", spec.Name, mode, err)
-		}
+	// Every mode moves pages through a private namespace of this
+	// migration: a page server's (stop-and-copy, pre-copy) or the
+	// lazy-pages daemon's (post-copy).
+	if err := in.preparePages(); err != nil {
+		return nil, fmt.Errorf("container %q: %s: %w", spec.Name, mode, err)
 	}
+	defer func() {
+		if retErr != nil {
+			in.closeLazy()
+		}
+	}()
 	// Everything of the restore that needs no image happens now, before
 	// the source freezes the container: the configuration, and a monitor
 	// that creates the container and waits (stageRestore).

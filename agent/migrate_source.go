@@ -220,19 +220,20 @@ func probeBandwidth(ctx context.Context, peer api.FerryClient, size int64) (floa
 func probeSize(memory int64) int64 { return min(max(memory/4, 1<<20), 16<<20) }
 
 // peerBandwidth is the bandwidth auto mode predicts with: the cap, or what
-// the last migration to that node measured.
+// the last stop-and-copy to that node measured end to end (its pages move
+// during its dump, the other images after it: all it sent over the two).
 func (a *Agent) peerBandwidth(peerNode string, limit int64) float64 {
 	var bw float64
 	a.mu.Lock()
 	var last *api.Migration
 	for _, m := range a.migrations {
-		if m.PeerNode == peerNode && m.State == MigrationSucceeded && m.TransferMs >= 50 && m.BytesSent >= 4<<20 &&
-			(last == nil || m.StartedAt > last.StartedAt) {
+		if m.PeerNode == peerNode && m.State == MigrationSucceeded && m.Mode == migrate.ModeStopCopy &&
+			m.DumpMs+m.TransferMs >= 50 && m.BytesSent >= 4<<20 && (last == nil || m.StartedAt > last.StartedAt) {
 			last = m
 		}
 	}
 	if last != nil {
-		bw = float64(last.BytesSent) / (float64(last.TransferMs) / 1000)
+		bw = float64(last.BytesSent) / (float64(last.DumpMs+last.TransferMs) / 1000)
 	}
 	a.mu.Unlock()
 	if limit > 0 && (bw == 0 || float64(limit) < bw) {
@@ -429,6 +430,11 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		m.PredictedDowntimeMs = d.Milliseconds()
 	}
 	postcopy, precopy := mode == migrate.ModePostCopy, mode == migrate.ModePreCopy
+	streamPages := mode == migrate.ModeStopCopy && pred.MemoryBytes >= a.cfg.StopCopyStreamMin
+	if streamPages {
+		m.ModeReason += fmt.Sprintf("; pages stream to the peer during the dump (%s in use, at least --stopcopy-stream-min %s)",
+			humanSize(pred.MemoryBytes), humanSize(a.cfg.StopCopyStreamMin))
+	}
 	pace := newPacer(req.GetBandwidthBytesPerSecond())
 
 	spec := rec.Spec
@@ -509,11 +515,13 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 	// dumps them.
 	var pageSend *pageSender
 	parentDir := ""
-	if precopy {
+	if precopy || streamPages {
 		if pageSend, err = newPageSender(a.criuView, peer, id, pace); err != nil {
 			return nil, fmt.Errorf("page sender: %w", err)
 		}
 		defer pageSend.close()
+	}
+	if precopy {
 		report("precopy")
 		if parentDir, err = a.preCopy(ctx, pageSend, lc, work, req, m, report); err != nil {
 			return nil, fmt.Errorf("pre-copy: %w", err)
@@ -531,6 +539,13 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 	// From here the migration ends by itself; the caller going away
 	// (ferryctl interrupted) must not cut it short.
 	ctx = context.WithoutCancel(ctx)
+	if pageSend != nil {
+		// The peer's page server for the final dump starts now, not in
+		// the freeze.
+		if err := pageSend.prepare(ctx, filepath.Base(images), parentDir); err != nil {
+			return nil, fmt.Errorf("page tunnel: %w", err)
+		}
+	}
 
 	report("freeze")
 	frozeAt := time.Now()
@@ -605,14 +620,28 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		if err != nil {
 			err = fmt.Errorf("dump: %w", err)
 		}
+	case streamPages:
+		// A large stop-and-copy: the pages go to the peer's page server
+		// as CRIU dumps them, as pre-copy's final dump does; they are
+		// never written here, and dumping and sending overlap. The
+		// other images follow with the upper layer.
+		sentBefore := m.BytesSent
+		stopTicker := pageSend.reportWhileDumping(func(n int64) {
+			m.BytesSent, m.TotalMs = sentBefore+n, time.Since(start).Milliseconds()
+			if progress != nil {
+				progress(proto.Clone(m).(*api.Migration))
+			}
+		})
+		var n int64
+		n, _, err = pageSend.dump(ctx, lc, images, criuWork, "", finalDumpOpts())
+		stopTicker()
+		m.BytesSent = sentBefore + n
+		if err != nil {
+			err = fmt.Errorf("dump: %w", err)
+		}
 	default:
-		// Stop-and-copy dumps to this node and streams the images after.
-		// (Through the page server, dumping and sending overlap and were
-		// ~15 % faster at 1 GiB, but a container whose processes share
-		// much memory copy-on-write then failed to restore on a small
-		// node. Likely the restore's OOM kill at the container's memory
-		// limit that monitor.go now lifts during restores; that path was
-		// not tried again since.)
+		// A small stop-and-copy dumps to this node and streams the
+		// images after (see StopCopyStreamMin).
 		opts := finalDumpOpts()
 		opts.ImagesDirectory, opts.WorkDirectory = images, criuWork
 		err = a.criuView.Do(func() error { return criuDump(lc, &opts) })

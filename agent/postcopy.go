@@ -176,6 +176,17 @@ func criuLogTail(path string) string {
 // openTunnelStream opens a PageTunnel (its metadata: the migration, and
 // what ctx adds) and pumps conn through it; the channel yields the end.
 func openTunnelStream(ctx context.Context, peer api.FerryClient, id string, conn net.Conn, pace *pacer, sent *atomic.Int64) (<-chan error, error) {
+	stream, err := openTunnel(ctx, peer, id)
+	if err != nil {
+		return nil, err
+	}
+	return runTunnel(stream, conn, pace, sent), nil
+}
+
+// openTunnel opens a PageTunnel and names its migration; the peer sets up
+// its end (a page server, or the lazy-pages daemon's connection) at once.
+// Until runTunnel, nothing moves.
+func openTunnel(ctx context.Context, peer api.FerryClient, id string) (api.Ferry_PageTunnelClient, error) {
 	stream, err := peer.PageTunnel(metadata.AppendToOutgoingContext(ctx, MigrationIDKey, id))
 	if err != nil {
 		return nil, err
@@ -183,6 +194,11 @@ func openTunnelStream(ctx context.Context, peer api.FerryClient, id string, conn
 	if err := stream.Send(&api.TunnelChunk{MigrationId: id}); err != nil {
 		return nil, err
 	}
+	return stream, nil
+}
+
+// runTunnel pumps conn through an open tunnel; the channel yields the end.
+func runTunnel(stream api.Ferry_PageTunnelClient, conn net.Conn, pace *pacer, sent *atomic.Int64) <-chan error {
 	done := make(chan error, 1)
 	go func() {
 		err := pump(conn, stream.Send, stream.Recv, pace, sent)
@@ -191,7 +207,7 @@ func openTunnelStream(ctx context.Context, peer api.FerryClient, id string, conn
 		}
 		done <- err
 	}()
-	return done, nil
+	return done
 }
 
 // pump copies between a CRIU connection and a tunnel stream until both
@@ -368,8 +384,9 @@ func (d *lazyDaemon) stop() {
 	}
 }
 
-// PageTunnel is the destination's end of a post-copy page tunnel: it joins
-// the stream to the lazy-pages daemon's connection.
+// PageTunnel is the destination's end of a page tunnel: for post-copy it
+// joins the stream to the lazy-pages daemon's connection; for the other
+// modes it feeds a page server (servePages).
 func (a *Agent) PageTunnel(ctx context.Context, id string, recv func() (*api.TunnelChunk, error), send func(*api.TunnelChunk) error) error {
 	first, err := recv()
 	if err != nil {
@@ -382,11 +399,11 @@ func (a *Agent) PageTunnel(ctx context.Context, id string, recv func() (*api.Tun
 	if err != nil {
 		return err
 	}
-	if in.mode == migrate.ModePreCopy {
+	if in.mode != migrate.ModePostCopy {
 		return a.servePages(ctx, in, recv, send)
 	}
 	if in.pageLn == nil {
-		return fmt.Errorf("incoming migration %q: not a post-copy or pre-copy migration: %w", in.id, ErrFailedPrecondition)
+		return fmt.Errorf("incoming migration %q: has no page tunnel listener: %w", in.id, ErrFailedPrecondition)
 	}
 	if !in.tunnel.CompareAndSwap(false, true) {
 		return fmt.Errorf("incoming migration %q: page tunnel already open: %w", in.id, ErrAlreadyExists)

@@ -166,11 +166,46 @@ j=0; while true; do j=$((j+1)); echo "tick $j"; sleep 0.05; done | nc -l -p 9000
 // runs, on B, with the same address; the counter went on; the connection is
 // still open and carries data; logs go on; the guarantee, ceiling and
 // sysctl guard came along; nothing of it is left on A.
+//
+// Both ways a stop-and-copy moves pages: a small container (this one, ~45
+// MiB) is dumped to disk and its images sent after; from
+// --stopcopy-stream-min on, the pages stream to the peer's page server
+// during the dump.
 func TestMigrateStopAndCopy(t *testing.T) {
 	p := newMigrationPair(t)
-	rec := migrateLive(t, p, "stopcopy")
-	if rec.PostcopyMs != 0 {
-		t.Errorf("stop-and-copy recorded post-copy figures: %+v", rec)
+	for _, streamed := range []bool{false, true} {
+		name := "dumped, then sent"
+		if streamed {
+			name = "streamed during the dump"
+			defer streamStopCopy(p.a)()
+		}
+		t.Run(name, func(t *testing.T) {
+			rec := migrateLive(t, p, "stopcopy")
+			if rec.PostcopyMs != 0 {
+				t.Errorf("stop-and-copy recorded post-copy figures: %+v", rec)
+			}
+			// The 16 MiB blob is ~22 MB of base64 in memory; what moved
+			// is that and little more, counted once.
+			if rec.BytesSent < 16<<20 || rec.BytesSent > 32<<20 {
+				t.Errorf("%d bytes sent, want the blob's ~22 MB and a little more", rec.BytesSent)
+			}
+			if got := strings.Contains(rec.ModeReason, "pages stream to the peer during the dump"); got != streamed {
+				t.Errorf("mode reason %q: streamed %v, want %v", rec.ModeReason, got, streamed)
+			}
+		})
+	}
+}
+
+// streamStopCopy restarts d so that its stop-and-copies stream every
+// container's pages during the dump (--stopcopy-stream-min 0); the
+// returned func restarts it as it was.
+func streamStopCopy(d *daemon) (undo func()) {
+	n := len(d.extra)
+	d.extra = append(d.extra[:n:n], "--stopcopy-stream-min", "0")
+	d.restartWith(d.failpoints)
+	return func() {
+		d.extra = d.extra[:n]
+		d.restartWith(d.failpoints)
 	}
 }
 
@@ -1268,7 +1303,7 @@ func TestMigrateRestoreAnswerLost(t *testing.T) {
 				time.Sleep(50 * time.Millisecond)
 			}
 			var bPid int
-			heal := func() {}
+			var heal func()
 			if fault == "wire cut" {
 				mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "down")
 				healed := false
@@ -1496,7 +1531,7 @@ func waitIntactOnA(t testing.TB, p *migrationPair, name string, before container
 	}
 }
 
-// TestMigrateFaultsMidTransfer: while pages are moving (the transfer of a
+// TestMigrateFaultsMidTransfer: while pages are moving (the dump of a
 // stop-and-copy, the page traffic after a post-copy restore; slowed down
 // by --bandwidth), the peer's ferryd is killed -9, the source's ferryd is
 // killed -9, or the wire between the hosts is cut. Each time exactly one
@@ -1512,33 +1547,45 @@ func TestMigrateFaultsMidTransfer(t *testing.T) {
 	sum := waitFirstSum(t, p.a, "srv", 20*time.Second)
 	slow := []string{"--bandwidth", "4M"}
 
-	t.Run("stopcopy: peer killed", func(t *testing.T) {
-		done := migrateInBackground(p, "srv", append(slow, "--mode", "stopcopy")...)
-		waitPhase(t, p.a, "transfer", 30*time.Second)
-		p.b.kill9()
-		if out := waitOutput(t, done, 60*time.Second); !strings.Contains(out, "rolled_back") {
-			t.Errorf("migrate output:\n%s", out)
+	// A small stop-and-copy's pages move in its transfer phase, after the
+	// dump; streamed, they move during the dump, as CRIU writes them to
+	// the peer's page server (A restarted with --stopcopy-stream-min 0).
+	for _, streamed := range []bool{false, true} {
+		variant, phase := "stopcopy", "transfer"
+		if streamed {
+			variant, phase = "stopcopy streamed", "dump"
+			defer streamStopCopy(p.a)() // the container runs on through A's restarts
 		}
-		waitIntactOnA(t, p, "srv", before, sum, 10*time.Second)
-		p.b.start()
-		p.b.assertNoTrace(t, "srv")
-		p.a.assertNoNetnsLeak(t)
-		p.b.assertNoNetnsLeak(t)
-	})
-	t.Run("stopcopy: wire cut", func(t *testing.T) {
-		done := migrateInBackground(p, "srv", append(slow, "--mode", "stopcopy")...)
-		waitPhase(t, p.a, "transfer", 30*time.Second)
-		mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "down")
-		out := waitOutput(t, done, 60*time.Second)
-		mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "up")
-		if !strings.Contains(out, "rolled_back") {
-			t.Errorf("migrate output:\n%s", out)
-		}
-		waitIntactOnA(t, p, "srv", before, sum, 10*time.Second)
-		waitNoTrace(t, p.b, "srv", 30*time.Second)
-		p.a.assertNoNetnsLeak(t)
-		p.b.assertNoNetnsLeak(t)
-	})
+		t.Run(variant+": peer killed", func(t *testing.T) {
+			done := migrateInBackground(p, "srv", append(slow, "--mode", "stopcopy")...)
+			waitPhase(t, p.a, phase, 30*time.Second)
+			time.Sleep(time.Second)
+			p.b.kill9()
+			if out := waitOutput(t, done, 60*time.Second); !strings.Contains(out, "rolled_back") {
+				t.Errorf("migrate output:\n%s", out)
+			}
+			waitIntactOnA(t, p, "srv", before, sum, 10*time.Second)
+			p.b.start()
+			p.b.assertNoTrace(t, "srv")
+			p.a.assertNoNetnsLeak(t)
+			p.b.assertNoNetnsLeak(t)
+		})
+		t.Run(variant+": wire cut", func(t *testing.T) {
+			done := migrateInBackground(p, "srv", append(slow, "--mode", "stopcopy")...)
+			waitPhase(t, p.a, phase, 30*time.Second)
+			time.Sleep(time.Second)
+			mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "down")
+			out := waitOutput(t, done, 60*time.Second)
+			mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "up")
+			if !strings.Contains(out, "rolled_back") {
+				t.Errorf("migrate output:\n%s", out)
+			}
+			waitIntactOnA(t, p, "srv", before, sum, 10*time.Second)
+			waitNoTrace(t, p.b, "srv", 30*time.Second)
+			p.a.assertNoNetnsLeak(t)
+			p.b.assertNoNetnsLeak(t)
+		})
+	}
 	t.Run("postcopy: peer killed", func(t *testing.T) {
 		done := migrateInBackground(p, "srv", append(slow, "--mode", "postcopy")...)
 		waitPhase(t, p.a, "postcopy", 30*time.Second)

@@ -50,6 +50,7 @@ type options struct {
 	defaultRootfs, criu, logLevel, logFormat, bpfRoot                    string
 	capacityCPU, capacityMem, reserveCPU, reserveMem, pressure, metrics  string
 	bridge, subnet, ipRange                                              string
+	streamMin                                                            string
 	logMax                                                               int64
 	relaxMem, relaxCPU                                                   time.Duration
 	sysctlAllow, remoteRootfs                                            []string
@@ -119,6 +120,7 @@ init and its per-container monitor); they are not meant to be run by hand.`,
 	f.StringVar(&o.pressure, "pressure-source", "host", "PSI the harden/relax detector reads: host (/proc/pressure) or parent (the containers' parent cgroup only)")
 	f.DurationVar(&o.relaxMem, "relax-after-memory", 30*time.Second, "memory pressure must stay low this long before ceilings are restored")
 	f.DurationVar(&o.relaxCPU, "relax-after-cpu", 10*time.Second, "CPU pressure must stay low this long before ceilings are restored")
+	f.StringVar(&o.streamMin, "stopcopy-stream-min", "256Mi", "memory in use from which a stop-and-copy streams the pages to the peer while CRIU dumps them (smaller: dumped to disk, sent after; 0: always stream)")
 	f.StringVar(&o.metrics, "metrics-addr", "", "address for Prometheus metrics on /metrics, e.g. 127.0.0.1:9464 (off when empty)")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&o.logFormat, "log-format", "text", "text or json")
@@ -191,6 +193,10 @@ func serve(o options) error {
 	if err != nil {
 		return err
 	}
+	streamMin, err := cgroup.ParseSize(o.streamMin)
+	if err != nil {
+		return fmt.Errorf("--stopcopy-stream-min: %w", err)
+	}
 	for _, d := range []string{o.root, o.runDir, filepath.Dir(o.socket)} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return fmt.Errorf("create %s: %w", d, err)
@@ -218,7 +224,7 @@ func serve(o options) error {
 		TLSDir: o.tlsDir, RemoteRootfs: o.remoteRootfs,
 		Root: o.root, RunDir: o.runDir, NodeName: o.nodeName, CgroupParent: o.cgroupParent,
 		DefaultRootfs: o.defaultRootfs, CriuPath: o.criu, LogMax: o.logMax, Version: version,
-		SysctlAllow: o.sysctlAllow, BPFRoot: o.bpfRoot,
+		SysctlAllow: o.sysctlAllow, BPFRoot: o.bpfRoot, StopCopyStreamMin: streamMin,
 	}, log)
 	if err != nil {
 		return err
