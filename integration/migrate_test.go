@@ -1227,6 +1227,23 @@ func TestMigrateFaultsInTheHandshake(t *testing.T) {
 		failedOnA(t, "before the freeze")
 		p.b.restartWith("")
 	})
+	// CRIU failing at the handshake: the source describes its CPU with
+	// `criu cpuinfo dump`, the peer checks that description with `criu
+	// cpuinfo check` before it admits anything.
+	t.Run("CRIU fails on the source", func(t *testing.T) {
+		defer restartWithCriuFailing(t, p.a, "cpuinfo", "cpuinfo")()
+		migrateFails(t, p, "srv", "describe this CPU for the peer", "injected cpuinfo failure")
+		failedOnA(t, "injected cpuinfo failure")
+		assertIntactOnA(t, p, "srv", before)
+		releasedOnB(t, 10*time.Second)
+	})
+	t.Run("CRIU fails on the peer", func(t *testing.T) {
+		defer restartWithCriuFailing(t, p.b, "cpuinfo", "cpuinfo")()
+		migrateFails(t, p, "srv", "FailedPrecondition", "injected cpuinfo failure")
+		failedOnA(t, "injected cpuinfo failure")
+		assertIntactOnA(t, p, "srv", before)
+		releasedOnB(t, 10*time.Second)
+	})
 	t.Run("source killed after the peer prepared", func(t *testing.T) {
 		// B holds a complete preparation nobody will use; A's restart
 		// tells it to drop it.
@@ -1373,12 +1390,19 @@ func TestMigrateRestoreAnswerLost(t *testing.T) {
 // was.
 func restartWithFailingCriu(t *testing.T, d *daemon, what string) (restore func()) {
 	t.Helper()
+	return restartWithCriuFailing(t, d, "swrk", what)
+}
+
+// restartWithCriuFailing is restartWithFailingCriu for the criu command
+// cmd (swrk, cpuinfo, ...).
+func restartWithCriuFailing(t *testing.T, d *daemon, cmd, what string) (restore func()) {
+	t.Helper()
 	real, err := exec.LookPath("criu")
 	if err != nil {
 		t.Fatal(err)
 	}
 	wrapper := filepath.Join(t.TempDir(), "criu-fails")
-	script := "#!/bin/sh\nif [ \"$1\" = swrk ]; then echo 'criu: injected " + what + " failure' >&2; exit 1; fi\nexec " + real + " \"$@\"\n"
+	script := "#!/bin/sh\nif [ \"$1\" = " + cmd + " ]; then echo 'criu: injected " + what + " failure' >&2; exit 1; fi\nexec " + real + " \"$@\"\n"
 	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
 		t.Fatal(err)
 	}
