@@ -1081,22 +1081,33 @@ func writeTotalTimes(t *strings.Builder, wireMiBps float64, warm *migFigures, re
 	if warm.ferryPC.ok {
 		fmt.Fprintf(t, ", postcopy %.0f ms", fixed(warm.ferryPC))
 	}
-	fmt.Fprintf(t, "\n%5s %4s  %-8s %8s %8s %8s  %s\n", "N", "W", "mode", "total", "N/bw", "budget", "verdict")
-	row := func(f *migFigures, mode string, got, fix float64) {
+	fmt.Fprintf(t, "\n%5s %4s  %-8s %8s %8s %8s  %-36s %8s %6s\n", "N", "W", "mode", "total", "N/bw", "budget", "verdict", "runc", "f/r")
+	row := func(f *migFigures, mode string, got, fix, runc float64) {
 		nbw := float64(f.n) / wireMiBps * 1000
 		budget := 1.5*nbw + fix
 		verdict := "NOT met"
 		if got <= budget {
 			verdict = "met"
 		}
-		fmt.Fprintf(t, "%5d %4d  %-8s %8.0f %8.0f %8.0f  %s (%.1fx the wire time)\n", f.n, f.w, mode, got, nbw, budget, verdict, (got-fix)/nbw)
+		ratio := "-"
+		if runc > 0 {
+			ratio = fmt.Sprintf("%.2f", got/runc)
+		}
+		fmt.Fprintf(t, "%5d %4d  %-8s %8.0f %8.0f %8.0f  %-36s %8.0f %6s\n", f.n, f.w, mode, got, nbw, budget,
+			fmt.Sprintf("%s (%.1fx the wire time)", verdict, (got-fix)/nbw), runc, ratio)
 	}
 	for _, f := range results {
-		row(f, "stopcopy", f.ferry.cmd, fixed(warm.ferry))
+		row(f, "stopcopy", f.ferry.cmd, fixed(warm.ferry), f.runcWall)
 		if f.ferryPC.ok && warm.ferryPC.ok {
-			row(f, "postcopy", f.ferryPC.cmd, fixed(warm.ferryPC))
+			runc := 0.0
+			if f.pc {
+				runc = f.pcAll
+			}
+			row(f, "postcopy", f.ferryPC.cmd, fixed(warm.ferryPC), runc)
 		}
 	}
+	t.WriteString("runc = the runc CLI's total for the same cell on this machine with no network at all (stop-and-copy: checkpoint,\n")
+	t.WriteString("cp -a, restore; post-copy: until its last page), what CRIU itself takes; f/r = ferry's total / that\n")
 }
 
 // wireBandwidth sends mib MiB over plain TCP from A's network namespace
