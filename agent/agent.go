@@ -71,16 +71,13 @@ type Config struct {
 	// StopCopyStreamMin is the memory in use from which a stop-and-copy
 	// sends the pages to the peer's page server while CRIU dumps them;
 	// a smaller container is dumped to disk and its images sent after.
-	// Streaming overlaps dumping and sending but costs a fixed ~150 ms
-	// more here (the page tunnel's start); at 1 GiB it saves a third of
-	// the freeze. Zero streams always.
+	// Streaming overlaps dumping and sending, but CRIU's last exchange
+	// with the page server waits for all that is in flight: measured
+	// here, 64 MiB froze ~100 ms longer streamed, 1 GiB ~1.5 s shorter,
+	// crossing near 300 MiB (ferryd's default: 256 MiB). Zero streams
+	// always.
 	StopCopyStreamMin int64
 }
-
-// DefaultStopCopyStreamMin is where streaming a stop-and-copy's pages
-// starts to pay on the development machines (measured: 64 MiB ~100 ms
-// slower streamed, 1 GiB ~1.5 s faster; crossing near 300 MiB).
-const DefaultStopCopyStreamMin = 256 << 20
 
 // record is ferryd's part of a container's on-disk state: the request and
 // the operator's intent.

@@ -967,18 +967,20 @@ func (a *Agent) recoverMigrations() {
 	a.interrupted = nil
 }
 
-// endUnfrozen records as failed a migration ferryd died in while its
-// container still ran here, and, if it died before asking the peer to
-// restore, tells the peer to drop what it prepared (in the background,
-// retried until the peer's own idle timeout would have done it).
+// endUnfrozen ends a migration ferryd died in before it asked the peer to
+// restore, its container still running here: it records it as failed and
+// tells the peer to drop what it prepared (in the background, retried
+// until the peer's own idle timeout would have done it).
 func (a *Agent) endUnfrozen(m *api.Migration) {
-	m = proto.Clone(m).(*api.Migration)
-	m.State, m.Error, m.FinishedAt = MigrationFailed, "interrupted: ferryd restarted during the migration, before the freeze", ts(time.Now())
-	a.saveMigration(m)
 	switch m.Phase {
 	case "restore", "postcopy", "cleanup", "done":
-		return // the peer may run it: not this function's case (it is frozen here then)
+		// The peer may run it (a container here that is not frozen then
+		// is one being removed after the confirmation): nothing to undo.
+		return
 	}
+	m = proto.Clone(m).(*api.Migration)
+	m.State, m.Error, m.FinishedAt = MigrationFailed, "interrupted by a ferryd restart before the freeze; the container ran on here", ts(time.Now())
+	a.saveMigration(m)
 	a.watchers.Add(1)
 	go func() {
 		defer a.watchers.Done()

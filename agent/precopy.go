@@ -120,8 +120,9 @@ func (s *pageSender) prepare(ctx context.Context, dir, parent string) error {
 	return nil
 }
 
-// dropPrepared ends a prepared tunnel that no dump used; the peer drops
-// what it had for it.
+// dropPrepared ends a prepared tunnel that no dump used. The peer takes
+// that for a broken page stream and drops the whole incoming migration:
+// only a migration that is failing anyway does this.
 func (s *pageSender) dropPrepared() {
 	if s.pre != nil {
 		s.pre.cancel()
