@@ -458,6 +458,14 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		RootfsDigest: digest, Cpuinfo: cpuinfo})
 	pcancel()
 	if err != nil {
+		if lostCall(err) {
+			// Its outcome is unknown (the peer died, the wire was cut,
+			// time ran out): the peer may hold a full preparation and
+			// the guarantee's reservation. It is told to drop them once
+			// it can be reached.
+			a.abortAtPeerInBackground(m, "the source lost its preparation call: "+err.Error())
+			return nil, fmt.Errorf("peer %s: preparation: %w", v.NodeName, err)
+		}
 		return nil, fmt.Errorf("peer %s refused: %w", v.NodeName, err)
 	}
 	confirmed, frozen, peerMayRun := false, false, false
@@ -969,8 +977,7 @@ func (a *Agent) recoverMigrations() {
 
 // endUnfrozen ends a migration ferryd died in before it asked the peer to
 // restore, its container still running here: it records it as failed and
-// tells the peer to drop what it prepared (in the background, retried
-// until the peer's own idle timeout would have done it).
+// tells the peer to drop what it prepared.
 func (a *Agent) endUnfrozen(m *api.Migration) {
 	switch m.Phase {
 	case "restore", "postcopy", "cleanup", "done":
@@ -981,15 +988,23 @@ func (a *Agent) endUnfrozen(m *api.Migration) {
 	m = proto.Clone(m).(*api.Migration)
 	m.State, m.Error, m.FinishedAt = MigrationFailed, "interrupted by a ferryd restart before the freeze; the container ran on here", ts(time.Now())
 	a.saveMigration(m)
+	a.abortAtPeerInBackground(m, "source restarted before the freeze")
+}
+
+// abortAtPeerInBackground tells m's peer to drop what it holds of m,
+// retrying every 5 s until the peer answers or its own idle timeout would
+// have dropped it anyway.
+func (a *Agent) abortAtPeerInBackground(m *api.Migration, reason string) {
+	m = proto.Clone(m).(*api.Migration)
 	a.watchers.Add(1)
 	go func() {
 		defer a.watchers.Done()
 		deadline := time.Now().Add(incomingTimeout)
 		for {
-			err := a.abortAtPeer(m, "source restarted before the freeze")
+			err := a.abortAtPeer(m, reason)
 			if err == nil || time.Now().After(deadline) {
 				if err != nil {
-					a.log.Warn("interrupted migration: the peer was not told", "migration", m.Id, "err", err)
+					a.log.Warn("migration: the peer was not told to drop it", "migration", m.Id, "err", err)
 				}
 				return
 			}

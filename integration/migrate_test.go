@@ -1204,14 +1204,44 @@ func TestMigrateFaultsInTheHandshake(t *testing.T) {
 		staged(t)
 		p.b.kill9()
 		out := waitOutput(t, done, time.Minute)
-		if !strings.Contains(out, "refused") {
+		if !strings.Contains(out, "preparation") {
 			t.Errorf("migrate output:\n%s", out)
 		}
-		failedOnA(t, "refused")
+		failedOnA(t, "preparation")
 		assertIntactOnA(t, p, "srv", before)
 		p.b.failpoints = ""
 		p.b.start()
 		releasedOnB(t, 10*time.Second)
+	})
+	t.Run("wire cut while the peer prepares", func(t *testing.T) {
+		// B finishes its preparation (the failpoint only delays it) with
+		// the wire cut: its answer is lost, and B cannot tell (its side
+		// of the connection lives on until keepalive gives up). A's call
+		// fails; A tells B to drop it all once the wire is back, well
+		// before B's own 2-minute idle timeout.
+		p.b.restartWith("peer-prepared=delay")
+		done := migrateInBackground(p, "srv")
+		staged(t)
+		mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "down")
+		healed := false
+		defer func() {
+			if !healed {
+				mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "up")
+			}
+		}()
+		out := waitOutput(t, done, time.Minute)
+		if !strings.Contains(out, "preparation") {
+			t.Errorf("migrate output:\n%s", out)
+		}
+		failedOnA(t, "preparation")
+		assertIntactOnA(t, p, "srv", before)
+		if len(processesWaitGone(filepath.Join(p.b.root, "containers", "srv")+"\x00", 0)) == 0 {
+			t.Fatal("B dropped its preparation by itself: the check below would not show that A tells it to")
+		}
+		mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "up")
+		healed = true
+		releasedOnB(t, 30*time.Second)
+		p.b.restartWith("")
 	})
 	t.Run("source killed while the peer prepares", func(t *testing.T) {
 		// B finishes its preparation (the failpoint only delays it) after
