@@ -55,7 +55,7 @@ bench: deps build ## benchmarks: start/remove and migration downtime per mode ag
 	$(GO) test -run '^$$' -bench GuardOverhead -benchtime 3x -timeout 10m -v ./sysctlguard/
 
 test-faults: build ## the migration fault matrix alone (it also runs in make test): peers and sources killed, wires cut, CRIU failing, cancels, bad peer messages
-	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -p 1 -timeout 20m -v -run '^TestMigrate(FailuresRollBack|FaultsMidTransfer|SourceKilled|SourceCleanupFails|SourceKilledDuringRestore|RestoreAnswerLost|FaultsAtTheFreeze|FaultsInTheHandshake|Cancel|PeerMessages|PostCopyNeedsPipes|BadInput)$$' ./integration/
+	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -p 1 -timeout 20m -v -run '^TestMigrate(FailuresRollBack|FaultsMidTransfer|SourceKilled|SourceCleanupFails|SourceKilledDuringRestore|RestoreAnswerLost|FaultsAtTheFreeze|FaultsInTheHandshake|IntoScarceMemory|Cancel|PeerMessages|PostCopyNeedsPipes|BadInput)$$' ./integration/
 
 bench-vm: deps build ## pre-copy against stop-and-copy downtime inside the VM (256 MiB, W = 0 and 16 MiB/s; slow: software emulation)
 	bash scripts/vm/run.sh --bin $(CURDIR)/$(BIN) --timeout 5400 --test-pkg ./integration --run '^$$' --bench '^BenchmarkVMPreCopy$$' $(VM_FLAGS)

@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferry-agent/ferry/agent/api"
+	"github.com/ferry-agent/ferry/cgroup"
 	"github.com/ferry-agent/ferry/internal/atomicfile"
 	"github.com/ferry-agent/ferry/internal/failpoint"
 	"github.com/ferry-agent/ferry/internal/privnet"
@@ -33,9 +34,12 @@ type incoming struct {
 	images   string
 	received bool
 	timer    *time.Timer
-	mode     string       // stopcopy or postcopy
-	source   string       // the source's node name
-	mon      *monitorProc // staged at the preparation; guarded by Agent.mu (takeMonitor)
+	mode     string // stopcopy, precopy or postcopy
+	// memoryInUse is what the container used on the source when the
+	// migration began (0: not said).
+	memoryInUse int64
+	source      string       // the source's node name
+	mon         *monitorProc // staged at the preparation; guarded by Agent.mu (takeMonitor)
 
 	// Post-copy only.
 	pageNS   *privnet.NS      // private loopback for the lazy-pages daemon
@@ -146,6 +150,11 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingReq
 		log.Warn("incoming refused", "err", err)
 		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
 	}
+	if err := a.fitsWhileScarce(spec.Name, spec.Resources, req.GetMemoryInUse()); err != nil {
+		a.node.Release(spec.Name)
+		log.Warn("incoming refused", "err", err)
+		return nil, err
+	}
 	defer func() {
 		if retErr != nil {
 			a.node.Release(spec.Name)
@@ -196,7 +205,8 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingReq
 	if err := a.guardContainer(ctx, c); err != nil {
 		return nil, fmt.Errorf("container %q: %w", spec.Name, err)
 	}
-	in := &incoming{id: id, c: c, mode: mode, source: req.GetSourceNode(), images: filepath.Join(a.workDir(id), "images")}
+	in := &incoming{id: id, c: c, mode: mode, source: req.GetSourceNode(), images: filepath.Join(a.workDir(id), "images"),
+		memoryInUse: req.GetMemoryInUse()}
 	if err := os.MkdirAll(in.images, 0o700); err != nil {
 		return nil, err
 	}
@@ -253,6 +263,22 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingReq
 	a.mu.Unlock()
 	log.Info("incoming migration prepared", "ip", c.rec.IP)
 	return &api.PrepareIncomingResponse{NodeName: a.cfg.NodeName, CriuVersion: a.criuVersion}, nil
+}
+
+// fitsWhileScarce refuses a container that would be held below the memory
+// it uses on arrival: while memory is scarce here (hardened), every
+// container's memory ceiling is its guarantee (a small floor without
+// one), and a restored container using more would be killed by the
+// kernel right after its source let it go.
+func (a *Agent) fitsWhileScarce(name string, res cgroup.Spec, inUse int64) error {
+	if inUse <= 0 || a.elastic.State(cgroup.Memory) != cgroup.Hardened {
+		return nil
+	}
+	if held := cgroup.EffectiveLimits(res, cgroup.Relaxed, cgroup.Hardened).Ceiling.Memory; held > 0 && inUse > held {
+		return fmt.Errorf("container %q: memory is scarce on this node (hardened): it would be held to %s, below the %s it uses: %w",
+			name, humanSize(held), humanSize(inUse), ErrResourceExhausted)
+	}
+	return nil
 }
 
 // stageRestore writes the restore's configuration and starts its monitor,
@@ -485,6 +511,10 @@ func (a *Agent) RestoreIncoming(ctx context.Context, id string) (_ *api.RestoreI
 	}
 	if err := failpoint.Check("peer-restore"); err != nil {
 		return nil, fmt.Errorf("container %q: restore: %w", c.name, err)
+	}
+	// Memory may have become scarce here since the preparation.
+	if err := a.fitsWhileScarce(c.name, c.rec.Spec.Resources, in.memoryInUse); err != nil {
+		return nil, err
 	}
 	lazy := in.mode == migrate.ModePostCopy
 	mon := in.takeMonitor(a) // from here on reaped by wait, or by the exit watcher below

@@ -455,7 +455,7 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 	pctx, pcancel := context.WithTimeout(ctx, 60*time.Second)
 	_, err = peer.PrepareIncoming(pctx, &api.PrepareIncomingRequest{MigrationId: id, SourceNode: a.cfg.NodeName,
 		AgentVersion: a.cfg.Version, CriuVersion: a.criuVersion, CgroupMode: cgroup.Mode(), SpecJson: specJSON, Mode: mode,
-		RootfsDigest: digest, Cpuinfo: cpuinfo})
+		RootfsDigest: digest, Cpuinfo: cpuinfo, MemoryInUse: pred.MemoryBytes})
 	pcancel()
 	if err != nil {
 		if lostCall(err) {

@@ -1915,3 +1915,67 @@ func assertTreeInCgroup(t testing.TB, pid int, cg string) {
 		t.Fatalf("no hierarchy has cgroup %s", cg)
 	}
 }
+
+// TestMigrateIntoScarceMemory: while memory is scarce on B (hardened:
+// every container held to its guarantee), B refuses a container that uses
+// more memory than its guarantee (restored, the kernel would kill it right
+// after A let it go: zero copies), with RESOURCE_EXHAUSTED and the figures;
+// nothing changes on either side. One that uses less than its guarantee
+// still moves in.
+func TestMigrateIntoScarceMemory(t *testing.T) {
+	p := newMigrationPairWith(t, true, "--relax-after-memory", "10m")
+	// B hardened, deterministically: a container of B's whose limit in
+	// place is below its ceiling makes a restarted ferryd start hardened
+	// (as after a death while hardened), and it stays so for the relax
+	// window.
+	p.b.mustCtl("run", "pin", "--mem-guarantee", "8M", "--mem-limit", "64M", "--", "sleep", "1000")
+	pin := p.b.inspect("pin")
+	limitFile := filepath.Join("/sys/fs/cgroup", "memory", pin.Cgroup, "memory.limit_in_bytes")
+	if cgroupV2() {
+		limitFile = filepath.Join(unifiedDir(pin.Cgroup), "memory.high")
+	}
+	if err := os.WriteFile(limitFile, []byte(strconv.Itoa(8<<20)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p.b.restartWith("")
+	if st := p.b.node().Memory.State; st != "hardened" {
+		t.Fatalf("B's memory is %s, want hardened", st)
+	}
+	baseB := p.b.node().Memory.Guaranteed
+
+	p.a.mustCtl("run", "big", "--mem-guarantee", "8M", "--mem-limit", "128M", "--", "sh", "-c", blobServer)
+	before := p.a.inspect("big")
+	sum := waitFirstSum(t, p.a, "big", 90*time.Second)
+	errOut := migrateFailsWith(t, p, "big", []string{"--mode", "stopcopy"}, "memory is scarce on this node (hardened)")
+	if grpcCode(errOut) != "ResourceExhausted" || !strings.Contains(errOut, "held to 8") {
+		t.Errorf("migrate: %s, want ResourceExhausted naming the 8 MiB it would be held to", errOut)
+	}
+	if m := lastMigration(t, p.a); m.State != "failed" || m.FrozenMs != 0 {
+		t.Errorf("A's record: %+v, want failed without a freeze", m)
+	}
+	c := p.a.inspect("big")
+	if c.State != "running" || c.Pid != before.Pid || c.StatusReason != "" {
+		t.Fatalf("A's copy after the refusal: %+v", c)
+	}
+	waitSumsAfter(t, p.a, "big", sum, 1)
+	p.b.assertNoTrace(t, "big")
+	if g := p.b.node().Memory.Guaranteed; g != baseB {
+		t.Errorf("B's guaranteed memory %v after the refusal, want %v", g, baseB)
+	}
+	p.a.mustCtl("rm", "-f", "big")
+
+	// Within its guarantee it moves, hardened or not.
+	// (The blob server briefly holds a second copy of its blob to sum it:
+	// ~70 MB at its peak.)
+	p.a.mustCtl("run", "small", "--mem-guarantee", "100M", "--mem-limit", "128M", "--", "sh", "-c", blobServer)
+	sum = waitFirstSum(t, p.a, "small", 90*time.Second)
+	p.a.mustCtl("migrate", "small", "--to", p.addrB, "--mode", "stopcopy")
+	if c := p.b.inspect("small"); c.State != "running" {
+		t.Fatalf("small on B: %+v", c)
+	}
+	waitSumsAfter(t, p.b, "small", sum, 2)
+	if st := p.b.node().Memory.State; st != "hardened" {
+		t.Errorf("B relaxed meanwhile (%s): the check above proves less", st)
+	}
+	p.b.mustCtl("rm", "-f", "small", "pin")
+}

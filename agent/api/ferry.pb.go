@@ -2312,7 +2312,11 @@ type PrepareIncomingRequest struct {
 	RootfsDigest string `protobuf:"bytes,8,opt,name=rootfs_digest,json=rootfsDigest,proto3" json:"rootfs_digest,omitempty"`
 	// The source CPU as CRIU describes it (criu cpuinfo dump: cpuinfo.img);
 	// the peer refuses when criu cpuinfo check fails against it.
-	Cpuinfo       []byte `protobuf:"bytes,9,opt,name=cpuinfo,proto3" json:"cpuinfo,omitempty"`
+	Cpuinfo []byte `protobuf:"bytes,9,opt,name=cpuinfo,proto3" json:"cpuinfo,omitempty"`
+	// The memory the container uses on the source, in bytes. A peer short
+	// of memory (hardened: every container held to its guarantee) refuses a
+	// container that uses more than it would be held to; 0: not known.
+	MemoryInUse   int64 `protobuf:"varint,10,opt,name=memory_in_use,json=memoryInUse,proto3" json:"memory_in_use,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2408,6 +2412,13 @@ func (x *PrepareIncomingRequest) GetCpuinfo() []byte {
 		return x.Cpuinfo
 	}
 	return nil
+}
+
+func (x *PrepareIncomingRequest) GetMemoryInUse() int64 {
+	if x != nil {
+		return x.MemoryInUse
+	}
+	return 0
 }
 
 type PrepareIncomingResponse struct {
@@ -3215,7 +3226,7 @@ const file_ferry_proto_rawDesc = "" +
 	"\x16ListMigrationsResponse\x123\n" +
 	"\n" +
 	"migrations\x18\x01 \x03(\v2\x13.ferry.v1.MigrationR\n" +
-	"migrations\"\xb5\x02\n" +
+	"migrations\"\xd9\x02\n" +
 	"\x16PrepareIncomingRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12\x1f\n" +
 	"\vsource_node\x18\x02 \x01(\tR\n" +
@@ -3227,7 +3238,9 @@ const file_ferry_proto_rawDesc = "" +
 	"\tspec_json\x18\x06 \x01(\fR\bspecJson\x12\x12\n" +
 	"\x04mode\x18\a \x01(\tR\x04mode\x12#\n" +
 	"\rrootfs_digest\x18\b \x01(\tR\frootfsDigest\x12\x18\n" +
-	"\acpuinfo\x18\t \x01(\fR\acpuinfo\"z\n" +
+	"\acpuinfo\x18\t \x01(\fR\acpuinfo\x12\"\n" +
+	"\rmemory_in_use\x18\n" +
+	" \x01(\x03R\vmemoryInUse\"z\n" +
 	"\x17PrepareIncomingResponse\x12\x1b\n" +
 	"\tnode_name\x18\x01 \x01(\tR\bnodeName\x12!\n" +
 	"\fcriu_version\x18\x02 \x01(\tR\vcriuVersion\x12\x1f\n" +
