@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/ferry-agent/ferry/internal/testenv"
+	"github.com/ferry-agent/ferry/netsetup"
 )
 
 var binDir string
@@ -449,9 +450,30 @@ func (d *daemon) assertNoTrace(t testing.TB, name string) {
 	if ms := mountsUnder(filepath.Join(d.root, "containers", name)); len(ms) > 0 {
 		t.Errorf("container %s: mounts left behind: %v", name, ms)
 	}
-	for _, p := range []string{filepath.Join(d.root, "containers", name), filepath.Join(d.runDir, "libcontainer", name)} {
+	for _, p := range []string{filepath.Join(d.root, "containers", name), filepath.Join(d.runDir, "libcontainer", name),
+		filepath.Join(d.runDir, "netns", name)} {
 		if _, err := os.Stat(p); err == nil {
 			t.Errorf("container %s: %s left behind", name, p)
+		}
+	}
+	// No veth on the host's side, and no address held for it (netsetup's
+	// IPAM state: its endpoints).
+	veth := netsetup.VethName(name)
+	show := exec.Command("ip", "link", "show", veth)
+	if d.netns != "" {
+		show = exec.Command("ip", "-n", d.netns, "link", "show", veth)
+	}
+	if out, err := show.CombinedOutput(); err == nil {
+		t.Errorf("container %s: veth left behind: %s", name, bytes.TrimSpace(out))
+	}
+	if b, err := os.ReadFile(filepath.Join(d.root, "netsetup.json")); err == nil {
+		var st struct {
+			Endpoints map[string]json.RawMessage `json:"endpoints"`
+		}
+		if err := json.Unmarshal(b, &st); err != nil {
+			t.Errorf("netsetup.json: %v", err)
+		} else if ep, ok := st.Endpoints[name]; ok {
+			t.Errorf("container %s: its address is still held: %s", name, ep)
 		}
 	}
 	// No monitor of the container (its command line names the container's
