@@ -1152,12 +1152,13 @@ func TestMigrateFaultsAtTheFreeze(t *testing.T) {
 	p.a.assertNoTrace(t, "srv")
 }
 
-// TestMigrateFaultsInTheHandshake: a ferryd dies while the peer prepares
-// (admits and reserves the guarantee, makes the netns and a staged
-// restore), or the source dies just after the peer prepared. Nothing was
-// frozen yet: the container runs on A where it was throughout, and B drops
-// all it prepared, its reservation included: at its restart, when it sees
-// its caller gone, or when A's restart tells it (not at its 2-minute idle
+// TestMigrateFaultsInTheHandshake: a ferryd dies or the wire is cut while
+// the peer prepares (admits and reserves the guarantee, makes the netns
+// and a staged restore), the source dies just after the peer prepared, or
+// CRIU fails on either side (the CPU description and its check). Nothing
+// was frozen yet: the container runs on A where it was throughout, and B
+// drops all it prepared, its reservation included: at its restart, when
+// it sees its caller gone, or when A tells it (not at its 2-minute idle
 // timeout).
 func TestMigrateFaultsInTheHandshake(t *testing.T) {
 	p := newMigrationPair(t)
