@@ -49,10 +49,11 @@ test-vm: deps build ## tests inside a Debian 6.1 VM under qemu (TCG): soft-dirty
 demo: deps build ## the main job: two hosts, a counting container with a TCP client, ferryd kill -9 and reattach, live migration A->B, clean up
 	@bash scripts/demo.sh $(CURDIR)/$(BIN)
 
-bench: deps build ## benchmarks: start/remove and migration downtime per mode against the runc CLI, RSS, harden latency, sysctl guard overhead
+bench: deps build ## benchmarks: start/remove and migration downtime per mode against the runc CLI, RSS, harden latency, sysctl guard overhead, the page tunnel's throughput
 	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench . -skip '^BenchmarkVM' -benchtime 1x -timeout 30m -v ./integration/
 	$(GO) test -run '^$$' -bench HardenLatency -benchtime 1x -timeout 10m -v ./cgroup/
 	$(GO) test -run '^$$' -bench GuardOverhead -benchtime 3x -timeout 10m -v ./sysctlguard/
+	$(GO) test -run '^$$' -bench PageTunnel -benchtime 5x -timeout 10m -v ./agent/
 
 test-faults: build ## the migration fault matrix alone (it also runs in make test): peers and sources killed, wires cut, CRIU failing, cancels, bad peer messages
 	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -p 1 -timeout 20m -v -run '^TestMigrate(FailuresRollBack|FaultsMidTransfer|SourceKilled|SourceCleanupFails|SourceKilledDuringRestore|RestoreAnswerLost|FaultsAtTheFreeze|FaultsInTheHandshake|IntoScarceMemory|Cancel|PeerMessages|PostCopyNeedsPipes|BadInput)$$' ./integration/
