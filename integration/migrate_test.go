@@ -97,6 +97,33 @@ func newMigrationPairWith(t testing.TB, smallB bool, extraB ...string) *migratio
 	return p
 }
 
+// cutWire takes A's end of the wire between the hosts down and returns
+// what brings it up again, once; that also runs when t ends, so that a
+// test that fails with the wire cut leaves it up for the next.
+func (p *migrationPair) cutWire(t testing.TB) (heal func()) {
+	t.Helper()
+	mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "down")
+	var once sync.Once
+	heal = func() { once.Do(func() { mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "up") }) }
+	t.Cleanup(heal)
+	return heal
+}
+
+// waitRunning waits until d runs name (d may not know it yet).
+func waitRunning(t testing.TB, d *daemon, name string, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		if _, _, code := d.ctl("inspect", name); code == 0 && d.inspect(name).State == "running" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never ran on %s", name, d.name)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 // lineCollector keeps the lines a client reads, with the time each arrived.
 type lineCollector struct {
 	mu    sync.Mutex
@@ -402,9 +429,9 @@ func TestVMMigratePreCopyFaults(t *testing.T) {
 		done := migrateInBackground(p, "srv", flags...)
 		waitPhase(t, p.a, "precopy", 2*time.Minute)
 		time.Sleep(time.Second)
-		mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "down")
+		heal := p.cutWire(t)
 		out := waitOutput(t, done, 2*time.Minute)
-		mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "up")
+		heal()
 		failedUnfrozen(t, out)
 		waitIntactOnA(t, p, "srv", before, "", 30*time.Second)
 		askSum(t, p.a, "srv", sum)
@@ -1066,19 +1093,10 @@ func TestMigrateSourceKilled(t *testing.T) {
 	t.Run("after the confirmation", func(t *testing.T) {
 		p.a.restartWith("source-after-confirm=sleep")
 		go func() { _, _, _ = p.a.ctl("migrate", "srv", "--to", p.addrB) }()
-		deadline := time.Now().Add(30 * time.Second)
-		for {
-			if _, _, code := p.b.ctl("inspect", "srv"); code == 0 && p.b.inspect("srv").State == "running" {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatal("srv never ran on B")
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
+		waitRunning(t, p.b, "srv", 30*time.Second)
 		time.Sleep(200 * time.Millisecond) // A is now asleep in the failpoint, after the confirmation
 		p.a.restartWith("")
-		deadline = time.Now().Add(30 * time.Second)
+		deadline := time.Now().Add(30 * time.Second)
 		for {
 			if _, errOut, _ := p.a.ctl("inspect", "srv"); grpcCode(errOut) == "NotFound" {
 				break
@@ -1134,9 +1152,9 @@ func TestMigrateFaultsAtTheFreeze(t *testing.T) {
 		done := migrateInBackground(p, "srv")
 		waitPhase(t, p.a, "freeze", 30*time.Second)
 		time.Sleep(300 * time.Millisecond)
-		mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "down")
+		heal := p.cutWire(t)
 		out := waitOutput(t, done, 2*time.Minute)
-		mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "up")
+		heal()
 		if !strings.Contains(out, "rolled_back") {
 			t.Errorf("migrate output:\n%s", out)
 		}
@@ -1166,13 +1184,16 @@ func TestMigrateFaultsInTheHandshake(t *testing.T) {
 	before := p.a.inspect("srv")
 	waitCountAbove(t, p.a, "srv", 2, 10*time.Second)
 	baseB := p.b.node().Memory.Guaranteed
-	// staged waits until B has prepared srv as far as its staged restore
-	// (a monitor of srv's directory), so that the fault finds it all made.
+	// stagedOnB: B has prepared srv as far as its staged restore (a
+	// monitor of srv's directory runs).
+	stagedOnB := func() bool {
+		return len(processesWaitGone(filepath.Join(p.b.root, "containers", "srv")+"\x00", 0)) > 0
+	}
+	// staged waits for that, so that the fault finds it all made.
 	staged := func(t *testing.T) {
 		t.Helper()
-		dir := filepath.Join(p.b.root, "containers", "srv") + "\x00"
 		deadline := time.Now().Add(30 * time.Second)
-		for len(processesWaitGone(dir, 0)) == 0 {
+		for !stagedOnB() {
 			if time.Now().After(deadline) {
 				t.Fatal("B never staged the restore of srv")
 			}
@@ -1223,24 +1244,17 @@ func TestMigrateFaultsInTheHandshake(t *testing.T) {
 		p.b.restartWith("peer-prepared=delay")
 		done := migrateInBackground(p, "srv")
 		staged(t)
-		mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "down")
-		healed := false
-		defer func() {
-			if !healed {
-				mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "up")
-			}
-		}()
+		heal := p.cutWire(t)
 		out := waitOutput(t, done, time.Minute)
 		if !strings.Contains(out, "preparation") {
 			t.Errorf("migrate output:\n%s", out)
 		}
 		failedOnA(t, "preparation")
 		assertIntactOnA(t, p, "srv", before)
-		if len(processesWaitGone(filepath.Join(p.b.root, "containers", "srv")+"\x00", 0)) == 0 {
+		if !stagedOnB() {
 			t.Fatal("B dropped its preparation by itself: the check below would not show that A tells it to")
 		}
-		mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "up")
-		healed = true
+		heal()
 		releasedOnB(t, 30*time.Second)
 		p.b.restartWith("")
 	})
@@ -1284,7 +1298,7 @@ func TestMigrateFaultsInTheHandshake(t *testing.T) {
 		p.a.kill9()
 		waitOutput(t, done, time.Minute)
 		time.Sleep(time.Second)
-		if len(processesWaitGone(filepath.Join(p.b.root, "containers", "srv")+"\x00", 0)) == 0 {
+		if !stagedOnB() {
 			t.Fatal("B dropped its preparation by itself: the check below would not show that A's restart tells it to")
 		}
 		p.a.failpoints = ""
@@ -1340,28 +1354,11 @@ func TestMigrateRestoreAnswerLost(t *testing.T) {
 			before := p.a.inspect("srv")
 			waitCountAbove(t, p.a, "srv", 2, 10*time.Second)
 			done := migrateInBackground(p, "srv", "--mode", "stopcopy")
-			deadline := time.Now().Add(30 * time.Second)
-			for {
-				if _, _, code := p.b.ctl("inspect", "srv"); code == 0 && p.b.inspect("srv").State == "running" {
-					break
-				}
-				if time.Now().After(deadline) {
-					t.Fatal("srv never ran on B")
-				}
-				time.Sleep(50 * time.Millisecond)
-			}
+			waitRunning(t, p.b, "srv", 30*time.Second)
 			var bPid int
 			var heal func()
 			if fault == "wire cut" {
-				mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "down")
-				healed := false
-				heal = func() {
-					if !healed {
-						healed = true
-						mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "up")
-					}
-				}
-				defer heal()
+				heal = p.cutWire(t)
 			} else {
 				bPid = p.b.inspect("srv").Pid
 				p.b.kill9()
@@ -1629,9 +1626,9 @@ func TestMigrateFaultsMidTransfer(t *testing.T) {
 			done := migrateInBackground(p, "srv", append(slow, "--mode", "stopcopy")...)
 			waitPhase(t, p.a, phase, 30*time.Second)
 			time.Sleep(time.Second)
-			mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "down")
+			heal := p.cutWire(t)
 			out := waitOutput(t, done, 60*time.Second)
-			mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "up")
+			heal()
 			if !strings.Contains(out, "rolled_back") {
 				t.Errorf("migrate output:\n%s", out)
 			}
@@ -1672,7 +1669,7 @@ func TestMigrateFaultsMidTransfer(t *testing.T) {
 	t.Run("postcopy: wire cut", func(t *testing.T) {
 		done := migrateInBackground(p, "srv", append(slow, "--mode", "postcopy")...)
 		waitPhase(t, p.a, "postcopy", 30*time.Second)
-		mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "down")
+		heal := p.cutWire(t)
 		out := waitOutput(t, done, 60*time.Second)
 		if !strings.Contains(out, "stays frozen here until the peer answers") {
 			t.Errorf("migrate output:\n%s", out)
@@ -1681,7 +1678,7 @@ func TestMigrateFaultsMidTransfer(t *testing.T) {
 		if c := p.a.inspect("srv"); c.StatusReason == "" {
 			t.Errorf("A thawed its copy with the peer unreachable: %+v", c)
 		}
-		mustNetns(t, p.a.netns, "ip", "link", "set", p.wireA, "up")
+		heal()
 		waitIntactOnA(t, p, "srv", before, sum, 30*time.Second)
 		p.a.assertNoNetnsLeak(t)
 		p.b.assertNoNetnsLeak(t)
