@@ -223,7 +223,7 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req *api.PrepareIncomingReq
 	}
 	defer func() {
 		if retErr != nil {
-			in.closeLazy()
+			in.closePages()
 		}
 	}()
 	// Everything of the restore that needs no image happens now, before
@@ -572,7 +572,7 @@ func (a *Agent) RestoreIncoming(ctx context.Context, id string) (_ *api.RestoreI
 		c.rec.Incoming = ""
 		delete(a.incoming, id)
 		if in.pageNS != nil {
-			in.closeLazy()
+			in.closePages()
 		}
 	}
 	rec := c.rec
@@ -641,7 +641,7 @@ func (a *Agent) abortIncoming(in *incoming, reason string) error {
 		}
 	}
 	if in.pageNS != nil {
-		in.closeLazy()
+		in.closePages()
 	}
 	if in.outcome != nil {
 		in.setOutcome(errors.New("aborted: " + reason))

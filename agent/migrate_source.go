@@ -1017,8 +1017,7 @@ func (a *Agent) abortAtPeerInBackground(m *api.Migration, reason string) {
 	}()
 }
 
-// abortAtPeer tells m's peer to drop what it holds of m; a peer that holds
-// nothing of it is as good.
+// abortAtPeer tells m's peer to drop what it holds of m.
 func (a *Agent) abortAtPeer(m *api.Migration, reason string) error {
 	peer, err := client.DialTLS(m.Peer, a.cfg.TLSDir)
 	if err != nil {
@@ -1027,7 +1026,13 @@ func (a *Agent) abortAtPeer(m *api.Migration, reason string) error {
 	defer func() { _ = peer.Close() }()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	if _, err := peer.AbortIncoming(ctx, &api.AbortIncomingRequest{MigrationId: m.Id, Reason: reason}); err != nil && status.Code(err) != codes.NotFound {
+	return abortIncomingAt(ctx, peer.FerryClient, m.Id, reason)
+}
+
+// abortIncomingAt tells peer to drop incoming migration id; a peer that
+// holds nothing of it is as good.
+func abortIncomingAt(ctx context.Context, peer api.FerryClient, id, reason string) error {
+	if _, err := peer.AbortIncoming(ctx, &api.AbortIncomingRequest{MigrationId: id, Reason: reason}); err != nil && status.Code(err) != codes.NotFound {
 		return err
 	}
 	return nil
@@ -1073,7 +1078,7 @@ func (a *Agent) settleInterrupted(m *api.Migration, c *container, lc *libcontain
 		m.State, m.Phase, m.Error = MigrationSucceeded, "done", "completed after a ferryd restart"
 	case err == nil || status.Code(err) == codes.NotFound:
 		if err == nil {
-			if _, aerr := peer.AbortIncoming(ctx, &api.AbortIncomingRequest{MigrationId: m.Id, Reason: "source restarted before the confirmation"}); aerr != nil && status.Code(aerr) != codes.NotFound {
+			if aerr := abortIncomingAt(ctx, peer.FerryClient, m.Id, "source restarted before the confirmation"); aerr != nil {
 				return false, aerr
 			}
 		}

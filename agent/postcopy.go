@@ -319,8 +319,8 @@ func (in *incoming) preparePages() error {
 	return nil
 }
 
-// closeLazy drops the listener and the namespace.
-func (in *incoming) closeLazy() {
+// closePages drops the page namespace (and post-copy's listener in it).
+func (in *incoming) closePages() {
 	if in.pageLn != nil {
 		_ = in.pageLn.Close()
 	}
