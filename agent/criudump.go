@@ -62,9 +62,14 @@ func criuDump(lc *libcontainer.Container, o *libcontainer.CriuOpts) error {
 	return errors.Join(c.Dump(req, nil), c.Cleanup())
 }
 
-func dumpRequest(lc *libcontainer.Container, o *libcontainer.CriuOpts) (*criurpc.CriuOpts, func(), error) {
+// dumpRequest builds the request; the func it returns closes the directories
+// it opened for CRIU (on an error it closes them itself).
+func dumpRequest(lc *libcontainer.Container, o *libcontainer.CriuOpts) (_ *criurpc.CriuOpts, _ func(), retErr error) {
 	if o.ImagesDirectory == "" || o.WorkDirectory == "" {
 		return nil, nil, errors.New("dump: images and work directories are required")
+	}
+	if o.ManageCgroupsMode != criuCgroups {
+		return nil, nil, fmt.Errorf("dump: cgroup mode %q: ferryd dumps with %q only", o.ManageCgroupsMode, criuCgroups)
 	}
 	cfg := lc.Config()
 	st, err := lc.State()
@@ -80,6 +85,11 @@ func dumpRequest(lc *libcontainer.Container, o *libcontainer.CriuOpts) (*criurpc
 			_ = f.Close()
 		}
 	}
+	defer func() {
+		if retErr != nil {
+			closeDirs()
+		}
+	}()
 	openDir := func(dir string) (int32, error) {
 		if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
 			return 0, err
@@ -97,14 +107,9 @@ func dumpRequest(lc *libcontainer.Container, o *libcontainer.CriuOpts) (*criurpc
 	}
 	workFd, err := openDir(o.WorkDirectory)
 	if err != nil {
-		closeDirs()
 		return nil, nil, err
 	}
 	cgMode := criurpc.CriuCgMode_IGNORE
-	if o.ManageCgroupsMode != criuCgroups {
-		closeDirs()
-		return nil, nil, fmt.Errorf("dump: cgroup mode %q: ferryd dumps with %q only", o.ManageCgroupsMode, criuCgroups)
-	}
 	logFile := "dump.log"
 	if o.PreDump {
 		logFile = "predump.log"
@@ -132,13 +137,11 @@ func dumpRequest(lc *libcontainer.Container, o *libcontainer.CriuOpts) (*criurpc
 	if p := cfg.Namespaces.PathOf(configs.NEWNET); p != "" {
 		var ns unix.Stat_t
 		if err := unix.Stat(p, &ns); err != nil {
-			closeDirs()
 			return nil, nil, fmt.Errorf("dump: network namespace: %w", err)
 		}
 		req.External = append(req.External, fmt.Sprintf("net[%d]:extRootNetNS", ns.Ino))
 	}
 	if p := cfg.Namespaces.PathOf(configs.NEWPID); p != "" {
-		closeDirs()
 		return nil, nil, errors.New("dump: a PID namespace of another's is not supported")
 	}
 	if p := freezerPath(st.CgroupPaths); p != "" {
@@ -170,7 +173,6 @@ func dumpRequest(lc *libcontainer.Container, o *libcontainer.CriuOpts) (*criurpc
 			// the container under the mount.
 			mounts, err := cgroups.GetCgroupMounts(false)
 			if err != nil {
-				closeDirs()
 				return nil, nil, err
 			}
 			for _, mm := range mounts {
@@ -185,7 +187,6 @@ func dumpRequest(lc *libcontainer.Container, o *libcontainer.CriuOpts) (*criurpc
 			if errors.Is(err, os.ErrNotExist) {
 				continue
 			}
-			closeDirs()
 			return nil, nil, err
 		}
 		if !fi.IsDir() {
@@ -200,7 +201,6 @@ func dumpRequest(lc *libcontainer.Container, o *libcontainer.CriuOpts) (*criurpc
 		err = os.WriteFile(filepath.Join(o.ImagesDirectory, "descriptors.json"), fds, 0o600)
 	}
 	if err != nil {
-		closeDirs()
 		return nil, nil, err
 	}
 	return req, closeDirs, nil
