@@ -35,7 +35,8 @@ import (
 //	dest:   ferryd listens on 127.0.0.1:lazyPort of a private namespace
 //	        <- `criu lazy-pages` dials it; `criu restore --lazy-pages`
 //	        hands the restored tasks' userfaultfds to that daemon (through
-//	        the monitor's relay, lazysock.go, so that the two start together)
+//	        the monitor's relay, lazysock.go, so that the two start together);
+//	        ferryd answers the daemon itself, reading ahead (readahead.go)
 //
 // Each namespace is the migration's own, so the one fixed port never
 // collides and nothing else on either host can reach the pages.
@@ -348,11 +349,13 @@ func startLazyDaemon(rs restoreSource, work string) (*lazyDaemon, error) {
 		"--images-dir", rs.images, "--work-dir", work, "--log-file", "lazy-pages.log", "-v2")
 	// Should the monitor die, the daemon goes with it (and the container
 	// with both: its missing pages can no longer come).
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	// In a session of its own, so that its niceness counts (below).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setsid: true}
 	ns := privnet.FromFile(rs.netns)
 	if err := ns.Start(cmd); err != nil {
 		return nil, fmt.Errorf("start criu lazy-pages: %w", err)
 	}
+	lowerPriority(cmd.Process.Pid)
 	d := &lazyDaemon{cmd: cmd, work: work, ready: make(chan struct{}), done: make(chan struct{})}
 	go func() {
 		err := cmd.Wait()
@@ -370,6 +373,24 @@ func startLazyDaemon(rs restoreSource, work string) (*lazyDaemon, error) {
 	return d, nil
 }
 
+// lazyNice is the lazy-pages daemon's niceness. The daemon polls without
+// sleeping while it waits for pages (epoll with a zero timeout, criu/uffd.c),
+// so for the whole transfer it takes a core from the agents that bring the
+// pages, and from everything else on the node. At nice 10 it still gets a
+// tenth of a contended core for the restored container's page faults;
+// measured at 1024 MiB, the pages moved in 2.8-3.8 s instead of 3.9-4.9 s.
+const lazyNice = 10
+
+// lowerPriority sets pid's niceness to lazyNice, and that of its
+// autogroup: where the kernel groups tasks by session (autogroup), a
+// task's niceness weighs only within its session, so the daemon runs in a
+// session of its own. Best effort: a daemon at the usual priority only
+// makes the transfer slower.
+func lowerPriority(pid int) {
+	_ = syscall.Setpriority(syscall.PRIO_PROCESS, pid, lazyNice)
+	_ = os.WriteFile(fmt.Sprintf("/proc/%d/autogroup", pid), []byte(strconv.Itoa(lazyNice)), 0)
+}
+
 func (d *lazyDaemon) wait() error {
 	<-d.done
 	return d.err
@@ -385,8 +406,8 @@ func (d *lazyDaemon) stop() {
 }
 
 // PageTunnel is the destination's end of a page tunnel: for post-copy it
-// joins the stream to the lazy-pages daemon's connection; for the other
-// modes it feeds a page server (servePages).
+// answers the lazy-pages daemon, fetching through the stream ahead of it
+// (readahead.go); for the other modes it feeds a page server (servePages).
 func (a *Agent) PageTunnel(ctx context.Context, id string, recv func() (*api.TunnelChunk, error), send func(*api.TunnelChunk) error) error {
 	first, err := recv()
 	if err != nil {
@@ -426,7 +447,15 @@ func (a *Agent) PageTunnel(ctx context.Context, id string, recv func() (*api.Tun
 		_ = in.pageLn.Close()
 		return ctx.Err()
 	}
-	return pump(conn, send, recv, nil, nil)
+	// The daemon connects once the images are in: its ranges are known.
+	ranges, err := readLazyRanges(in.images, uint64(os.Getpagesize()))
+	if err != nil {
+		a.log.Warn("post-copy: no read-ahead, the lazy ranges are unknown", "migration", in.id, "err", err)
+	}
+	ra := newReadAhead(conn, send, recv, ranges)
+	err = ra.run(ctx)
+	a.log.Info("post-copy page tunnel ended", append([]any{"migration", in.id, "err", err}, ra.logAttrs()...)...)
+	return err
 }
 
 // finishLazy follows a post-copy restore until its daemon ends: with every

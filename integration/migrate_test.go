@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -247,6 +248,26 @@ func TestMigratePostCopy(t *testing.T) {
 	rec := migrateLive(t, p, "postcopy")
 	if rec.PostcopyMs <= 0 || rec.PostcopyBytes < 16<<20 {
 		t.Errorf("post-copy figures: %d ms, %d page bytes through the tunnel; want > 0 ms and the blob's 16 MiB at least", rec.PostcopyMs, rec.PostcopyBytes)
+	}
+	// B read the pages ahead of CRIU's lazy-pages daemon: most of the blob
+	// came in requests of B's own, and the daemon found most of its pages
+	// there when it asked.
+	re := regexp.MustCompile(`msg="post-copy page tunnel ended".* err=<nil> daemon_requests=(\d+) .*found_here=(\d+) .*ahead_mib=(\d+)`)
+	var m [][]byte
+	for deadline := time.Now().Add(5 * time.Second); m == nil; time.Sleep(50 * time.Millisecond) {
+		b, err := os.ReadFile(p.b.logPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m = re.FindSubmatch(b); m == nil && time.Now().After(deadline) {
+			t.Fatalf("B's log has no successful page tunnel:\n%s", lastLines(string(b), 20))
+		}
+	}
+	asked, _ := strconv.Atoi(string(m[1]))
+	here, _ := strconv.Atoi(string(m[2]))
+	ahead, _ := strconv.Atoi(string(m[3]))
+	if ahead < 12 || here < asked/2 {
+		t.Errorf("read-ahead: %d MiB ahead, the daemon found %d of its %d requests' pages waiting; want 12 MiB and half at least", ahead, here, asked)
 	}
 }
 
