@@ -375,8 +375,9 @@ func nsRun(tb testing.TB, ns string, args ...string) {
 	}
 }
 
-// wireHosts joins the ferry0 bridges of two hosts with a veth pair.
-func wireHosts(tb testing.TB, a, b *migHost) {
+// wireHosts joins the ferry0 bridges of two hosts with a veth pair, and
+// returns its ends' names (in a's namespace, in b's).
+func wireHosts(tb testing.TB, a, b *migHost) (string, string) {
 	tb.Helper()
 	va, vb := fmt.Sprintf("fmwa%d", cgroupSeq.Add(1)), fmt.Sprintf("fmwb%d", cgroupSeq.Add(1))
 	if out, err := exec.Command("ip", "link", "add", va, "type", "veth", "peer", "name", vb).CombinedOutput(); err != nil {
@@ -403,6 +404,7 @@ func wireHosts(tb testing.TB, a, b *migHost) {
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
+	return va, vb
 }
 
 // runcMig drives the runc CLI for the migration benchmark. It reuses
@@ -540,6 +542,7 @@ type ferryFigures struct {
 // hog's rootfs copies.
 type migRig struct {
 	a, b         *migHost
+	wireA, wireB string // the wire's ends, in a's and in b's namespace
 	addrB        string
 	r            *runcMig
 	ferryRootfs  string // read-only lower layer of ferry's overlays
@@ -590,7 +593,7 @@ func newMigRig(b *testing.B) *migRig {
 		"--remote-rootfs", filepath.Dir(rig.ferryRootfs)) // the hog's rootfs, named by A
 	rig.a.start()
 	rig.b.start()
-	wireHosts(b, rig.a, rig.b)
+	rig.wireA, rig.wireB = wireHosts(b, rig.a, rig.b)
 	return rig
 }
 
@@ -1089,12 +1092,12 @@ func writeTotalTimes(t *strings.Builder, wireMiBps float64, warm *migFigures, re
 		if got <= budget {
 			verdict = "met"
 		}
-		ratio := "-"
+		runcMs, ratio := "-", "-"
 		if runc > 0 {
-			ratio = fmt.Sprintf("%.2f", got/runc)
+			runcMs, ratio = fmt.Sprintf("%.0f", runc), fmt.Sprintf("%.2f", got/runc)
 		}
-		fmt.Fprintf(t, "%5d %4d  %-8s %8.0f %8.0f %8.0f  %-36s %8.0f %6s\n", f.n, f.w, mode, got, nbw, budget,
-			fmt.Sprintf("%s (%.1fx the wire time)", verdict, (got-fix)/nbw), runc, ratio)
+		fmt.Fprintf(t, "%5d %4d  %-8s %8.0f %8.0f %8.0f  %-36s %8s %6s\n", f.n, f.w, mode, got, nbw, budget,
+			fmt.Sprintf("%s (%.1fx the wire time)", verdict, (got-fix)/nbw), runcMs, ratio)
 	}
 	for _, f := range results {
 		row(f, "stopcopy", f.ferry.cmd, fixed(warm.ferry), f.runcWall)
@@ -1106,8 +1109,10 @@ func writeTotalTimes(t *strings.Builder, wireMiBps float64, warm *migFigures, re
 			row(f, "postcopy", f.ferryPC.cmd, fixed(warm.ferryPC), runc)
 		}
 	}
-	t.WriteString("runc = the runc CLI's total for the same cell on this machine with no network at all (stop-and-copy: checkpoint,\n")
-	t.WriteString("cp -a, restore; post-copy: until its last page), what CRIU itself takes; f/r = ferry's total / that\n")
+	if len(results) > 0 && results[0].runcWall > 0 {
+		t.WriteString("runc = the runc CLI's total for the same cell on this machine with no network at all (stop-and-copy: checkpoint,\n")
+		t.WriteString("cp -a, restore; post-copy: until its last page), what CRIU itself takes; f/r = ferry's total / that\n")
+	}
 }
 
 // wireBandwidth sends mib MiB over plain TCP from A's network namespace
