@@ -49,7 +49,7 @@ test-vm: deps build ## tests inside a Debian 6.1 VM under qemu (TCG): soft-dirty
 demo: deps build ## the main job: two hosts, a counting container with a TCP client, ferryd kill -9 and reattach, live migration A->B, clean up
 	@bash scripts/demo.sh $(CURDIR)/$(BIN)
 
-bench: deps build ## benchmarks: start/remove and migration downtime per mode against the runc CLI, RSS, harden latency, sysctl guard overhead, the page tunnel's throughput
+bench: deps build ## benchmarks: start/remove and migration downtime per mode against the runc CLI, total time on a shaped wire, RSS, harden latency, sysctl guard overhead, the page tunnel's throughput
 	FERRY_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench . -skip '^BenchmarkVM' -benchtime 1x -timeout 30m -v ./integration/
 	$(GO) test -run '^$$' -bench HardenLatency -benchtime 1x -timeout 10m -v ./cgroup/
 	$(GO) test -run '^$$' -bench GuardOverhead -benchtime 3x -timeout 10m -v ./sysctlguard/
