@@ -551,8 +551,8 @@ func (r *readAhead) readSource() {
 				h.nr, h.vaddr, h.dstID, f.p.nr, f.p.vaddr, f.p.dstID))
 			return
 		}
-		data := make([]byte, h.nr*r.pageSize)
-		if _, err := io.ReadFull(src, data); err != nil {
+		data, err := src.readPages(h.nr, r.pageSize)
+		if err != nil {
 			r.fail(fmt.Errorf("the source's page server's pages: %w", err))
 			return
 		}
@@ -561,7 +561,7 @@ func (r *readAhead) readSource() {
 		if f.ahead {
 			r.ahead--
 			r.held -= int64(f.p.nr * r.pageSize)
-			r.aheadBytes += int64(len(data))
+			r.aheadBytes += int64(h.nr * r.pageSize)
 		}
 		given := r.givenTo(h.dstID)
 		for i := uint64(0); i < h.nr; i++ {
@@ -572,7 +572,7 @@ func (r *readAhead) readSource() {
 			if _, ok := r.pages[k]; ok || (f.ahead && given.contains(k.addr)) {
 				continue
 			}
-			r.pages[k] = data[i*r.pageSize : (i+1)*r.pageSize : (i+1)*r.pageSize]
+			r.pages[k] = data[i]
 			r.held += int64(r.pageSize)
 		}
 		r.mu.Unlock()
@@ -612,6 +612,30 @@ func (t *tunnelReader) wait() error {
 		t.buf, t.eof = ch.Data, ch.Eof
 	}
 	return nil
+}
+
+// readPages reads n pages of size bytes. A page that lies within one
+// chunk is that chunk's bytes, not a copy (a received chunk's data is its
+// own: protobuf copies it out of gRPC's buffers); a page split between
+// chunks is copied together.
+func (t *tunnelReader) readPages(n, size uint64) ([][]byte, error) {
+	out := make([][]byte, 0, n)
+	for uint64(len(out)) < n {
+		if err := t.wait(); err != nil {
+			return nil, err
+		}
+		if uint64(len(t.buf)) >= size {
+			out = append(out, t.buf[:size:size])
+			t.buf = t.buf[size:]
+			continue
+		}
+		pg := make([]byte, size)
+		if _, err := io.ReadFull(t, pg); err != nil {
+			return nil, err
+		}
+		out = append(out, pg)
+	}
+	return out, nil
 }
 
 func (t *tunnelReader) Read(p []byte) (int, error) {

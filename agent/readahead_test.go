@@ -510,3 +510,40 @@ func TestReadLazyRanges(t *testing.T) {
 		t.Fatal("a broken pagemap read without error")
 	}
 }
+
+func TestTunnelReaderPages(t *testing.T) {
+	// Pages 0..5 in chunks cut anywhere: whole pages alias their chunk,
+	// split ones are joined; the EOF mark ends the stream.
+	var all []byte
+	for i := uint64(0); i < 6; i++ {
+		all = append(all, pageContent(3, i*testPage)...)
+	}
+	cuts := []int{testPage + 100, 10, 3*testPage - 50, len(all) - (4*testPage + 60)}
+	var chunks []*api.TunnelChunk
+	at := 0
+	for _, c := range cuts {
+		chunks = append(chunks, &api.TunnelChunk{Data: all[at : at+c]})
+		at += c
+	}
+	chunks = append(chunks, &api.TunnelChunk{Eof: true})
+	r := &tunnelReader{recv: func() (*api.TunnelChunk, error) {
+		c := chunks[0]
+		chunks = chunks[1:]
+		return c, nil
+	}}
+	pages, err := r.readPages(6, testPage)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, pg := range pages {
+		if !bytes.Equal(pg, pageContent(3, uint64(i)*testPage)) {
+			t.Errorf("page %d: wrong contents", i)
+		}
+	}
+	if &pages[0][0] != &all[0] {
+		t.Error("page 0, whole in its chunk, was copied")
+	}
+	if _, err := r.readPages(1, testPage); !errors.Is(err, io.EOF) {
+		t.Errorf("after the EOF mark: %v", err)
+	}
+}
