@@ -482,6 +482,11 @@ func (r *readAhead) readDaemon() {
 		r.mu.Lock()
 		switch p.cmd & psCmdMask {
 		case psIOVGet:
+			if p.nr == 0 {
+				r.mu.Unlock()
+				r.fail(fmt.Errorf("lazy-pages daemon: a request for no pages at %#x of %d", p.vaddr, p.dstID))
+				return
+			}
 			if _, ok := r.pages[pageKey{p.dstID, p.vaddr}]; ok {
 				r.ready++
 			}

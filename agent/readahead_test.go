@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -416,23 +417,36 @@ func TestReadAheadSourceDies(t *testing.T) {
 	t.Logf("read-ahead: %v; daemon: %v", err, derr)
 }
 
-func TestReadAheadRefusesUnknownCommands(t *testing.T) {
-	ranges, iovs := testRanges()
-	dmn, _, run := readAheadRig(t, &fakePageServer{iovs: iovs}, ranges)
-	res := make(chan error, 1)
-	go func() { res <- run() }()
-	b := make([]byte, psiSize)
-	psi{cmd: 1 /* PS_IOV_ADD: a dump's, not a daemon's */}.put(b)
-	if _, err := dmn.Write(b); err != nil {
-		t.Fatal(err)
-	}
-	err := <-res
-	if err == nil || !bytes.Contains([]byte(err.Error()), []byte("unexpected page server command")) {
-		t.Fatalf("got %v", err)
-	}
-	_ = dmn.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, rerr := dmn.Read(b); rerr == nil {
-		t.Fatal("the daemon's connection is still open")
+func TestReadAheadRefusesWhatCRIUNeverSends(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		p    psi
+		want string
+	}{
+		{"a dump's command", psi{cmd: 1 /* PS_IOV_ADD */}, "unexpected page server command"},
+		{"no pages", psi{cmd: psIOVGet, vaddr: 0x10000000, dstID: 1}, "a request for no pages"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			ranges, iovs := testRanges()
+			dmn, _, run := readAheadRig(t, &fakePageServer{iovs: iovs}, ranges)
+			res := make(chan error, 1)
+			go func() { res <- run() }()
+			b := make([]byte, psiSize)
+			c.p.put(b)
+			if _, err := dmn.Write(b); err != nil {
+				t.Fatal(err)
+			}
+			err := <-res
+			if err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("got %v, want %q", err, c.want)
+			}
+			// The daemon's connection is closed (nothing was asked, so
+			// nothing is answered first).
+			_ = dmn.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if n, rerr := dmn.Read(b); rerr == nil || os.IsTimeout(rerr) {
+				t.Fatalf("the daemon's connection is still open: read %d bytes, %v", n, rerr)
+			}
+		})
 	}
 }
 
