@@ -1,7 +1,12 @@
 package agent
 
 import (
+	"errors"
+	"fmt"
 	"os"
+	"os/exec"
+	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -30,5 +35,35 @@ func TestCowGrowthOfOneProcess(t *testing.T) {
 	}
 	if g < 0 || g > 8<<20 {
 		t.Fatalf("growth %d for one process", g)
+	}
+}
+
+func TestLowerPriority(t *testing.T) {
+	// As startLazyDaemon does: a process in a session of its own, then its
+	// niceness and its autogroup's.
+	cmd := exec.Command("sleep", "30")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	lowerPriority(cmd.Process.Pid)
+	// getpriority(2) returns 20 - nice.
+	prio, err := syscall.Getpriority(syscall.PRIO_PROCESS, cmd.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if 20-prio != lazyNice {
+		t.Errorf("niceness %d, want %d", 20-prio, lazyNice)
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/autogroup", cmd.Process.Pid))
+	if errors.Is(err, os.ErrNotExist) {
+		return // a kernel without autogroup: niceness alone counts
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := fmt.Sprintf("nice %d", lazyNice); !strings.Contains(string(b), want) {
+		t.Errorf("autogroup %q, want %q", strings.TrimSpace(string(b)), want)
 	}
 }
