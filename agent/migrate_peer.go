@@ -42,10 +42,11 @@ type incoming struct {
 	mon         *monitorProc // staged at the preparation; guarded by Agent.mu (takeMonitor)
 
 	// Post-copy only.
-	pageNS   *privnet.NS      // private loopback for the lazy-pages daemon
-	pageLn   *net.TCPListener // where the daemon reaches the page tunnel
-	tunnel   atomic.Bool      // a PageTunnel is open
-	outcome  chan struct{}    // closed when the restored copy has every page, or was removed
+	pageNS   *privnet.NS   // the migration's private loopback (post-copy: the lazy-pages daemon runs in it)
+	lazyConn net.Conn      // ferryd's end of the lazy-pages daemon's page server socket
+	lazyPeer *os.File      // the daemon's end, until the monitor has it
+	tunnel   atomic.Bool   // a PageTunnel is open
+	outcome  chan struct{} // closed when the restored copy has every page, or was removed
 	outErr   error
 	outOnce  sync.Once
 	postcopy time.Duration // from the restore's end to the last page in
@@ -306,9 +307,15 @@ func (a *Agent) stageRestore(in *incoming) error {
 			return fmt.Errorf("post-copy: %w", err)
 		}
 		defer func() { _ = nsf.Close() }()
-		rs.lazy, rs.criu, rs.netns = true, a.criuPath(), nsf
+		rs.lazy, rs.criu, rs.netns, rs.pages = true, a.criuPath(), nsf, in.lazyPeer
 	}
 	in.mon, err = a.spawnMonitor(c.dir, rs, true)
+	if in.lazyPeer != nil {
+		// The monitor has its own copy (or failed): with this one closed,
+		// the daemon's end closes when the daemon is done.
+		_ = in.lazyPeer.Close()
+		in.lazyPeer = nil
+	}
 	return err
 }
 

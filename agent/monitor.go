@@ -78,6 +78,7 @@ type restoreSource struct {
 	lazy  bool
 	criu  string
 	netns *os.File
+	pages *os.File // the daemon's page server socket (fd 5)
 	// Staged (the monitor's side): commands from ferryd, see
 	// monitorProc.command. The monitor creates the container and gets
 	// ready, then waits here; the freeze on the source comes meanwhile.
@@ -106,7 +107,7 @@ func monitorCommand(self, dir, lcRoot string, logMax int64, restore restoreSourc
 	}
 	extra := []*os.File{ready} // fd 3
 	if restore.lazy {
-		extra = append(extra, restore.netns) // fd 4
+		extra = append(extra, restore.netns, restore.pages) // fds 4 and 5
 	}
 	if ctrl != nil {
 		args = append(args, "--staged", strconv.Itoa(3+len(extra)))
@@ -131,7 +132,7 @@ func RunMonitor(args []string) int {
 	lcRoot := fs.String("lc-root", "", "libcontainer state root")
 	logMax := fs.Int64("log-max", 10<<20, "log size cap in bytes")
 	restore := fs.String("restore", "", "restore the container from these CRIU images instead of starting it")
-	lazy := fs.Bool("lazy-pages", false, "post-copy: run criu lazy-pages (work dir IMAGES-work) in the network namespace on fd 4 and restore the memory from it")
+	lazy := fs.Bool("lazy-pages", false, "post-copy: run criu lazy-pages (work dir IMAGES-lazy) in the network namespace on fd 4, its page server socket on fd 5, and restore the memory from it")
 	criu := fs.String("criu", "criu", "the criu binary, for --lazy-pages")
 	criuRun := fs.String("criu-run", "", "with --restore: a tmpfs CRIU is to see as /run (its kernel probe cache; criuview)")
 	var criuKeep []string
@@ -165,6 +166,9 @@ func RunMonitor(args []string) int {
 	rs := restoreSource{images: *restore, lazy: *lazy, criu: *criu, view: criuview.FromArgs(*criuRun, criuKeep)}
 	if *lazy {
 		rs.netns = os.NewFile(4, "netns")
+		// Not for CRIU's restore: the daemon alone gets this one.
+		syscall.CloseOnExec(5)
+		rs.pages = os.NewFile(5, "lazy-pages socket")
 	}
 	if *staged > 0 && *restore != "" {
 		rs.ctrl = os.NewFile(uintptr(*staged), "ctrl")

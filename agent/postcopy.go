@@ -25,21 +25,23 @@ import (
 	"github.com/ferry-agent/ferry/migrate"
 )
 
-// Post-copy runs CRIU's page traffic on a private loopback at each end
-// (internal/privnet) and carries it between the agents in a PageTunnel
-// stream of the mutual-TLS channel:
+// Post-copy carries CRIU's page traffic between the agents in a PageTunnel
+// stream of the mutual-TLS channel; at neither end can another process
+// reach it:
 //
 //	source: CRIU dump --lazy-pages, its page server on 127.0.0.1:lazyPort
-//	        of a private namespace <- ferryd dials it
+//	        of a private network namespace (internal/privnet) <- ferryd
+//	        dials it
 //	   ===== PageTunnel (gRPC, mutual TLS) =====
-//	dest:   ferryd listens on 127.0.0.1:lazyPort of a private namespace
-//	        <- `criu lazy-pages` dials it; `criu restore --lazy-pages`
-//	        hands the restored tasks' userfaultfds to that daemon (through
-//	        the monitor's relay, lazysock.go, so that the two start together);
-//	        ferryd answers the daemon itself, reading ahead (readahead.go)
+//	dest:   `criu lazy-pages` on one end of a Unix socket pair
+//	        (--ps-socket), ferryd on the other (preparePages), answering
+//	        the daemon itself and reading ahead (readahead.go); `criu
+//	        restore --lazy-pages` hands the restored tasks' userfaultfds to
+//	        that daemon (through the monitor's relay, lazysock.go, so that
+//	        the two start together)
 //
-// Each namespace is the migration's own, so the one fixed port never
-// collides and nothing else on either host can reach the pages.
+// The source's namespace is the migration's own, so the one fixed port
+// never collides.
 const (
 	lazyHost = "127.0.0.1"
 	lazyPort = 2700
@@ -301,7 +303,11 @@ func (p *pacer) wait(n int) {
 // The destination's half.
 
 // preparePages makes the incoming migration's private namespace, and for
-// post-copy the listener the lazy-pages daemon will reach the tunnel by.
+// post-copy the socket pair of the lazy-pages daemon's page server
+// connection: the daemon takes one end (criu's --ps-socket), ferryd answers
+// on the other. A Unix socket, not TCP: CRIU corks its page server
+// socket and pushes only its requests, so on TCP its last message (CLOSE)
+// waited out the cork's 200 ms.
 func (in *incoming) preparePages() error {
 	ns, err := privnet.New()
 	if err != nil {
@@ -311,19 +317,39 @@ func (in *incoming) preparePages() error {
 		in.pageNS = ns
 		return nil
 	}
-	ln, err := ns.Listen(lazyAddr)
+	conn, peer, err := socketPair()
 	if err != nil {
 		_ = ns.Close()
-		return fmt.Errorf("page tunnel listener: %w", err)
+		return fmt.Errorf("the lazy-pages daemon's socket: %w", err)
 	}
-	in.pageNS, in.pageLn = ns, ln
+	in.pageNS, in.lazyConn, in.lazyPeer = ns, conn, peer
 	return nil
 }
 
-// closePages drops the page namespace (and post-copy's listener in it).
+// socketPair returns a connected pair of Unix stream sockets: one as a
+// net.Conn, the other as a file to hand to another process.
+func socketPair() (net.Conn, *os.File, error) {
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, err
+	}
+	f := os.NewFile(uintptr(fds[0]), "lazy-pages socket")
+	conn, err := net.FileConn(f) // a dup
+	_ = f.Close()
+	if err != nil {
+		_ = syscall.Close(fds[1])
+		return nil, nil, err
+	}
+	return conn, os.NewFile(uintptr(fds[1]), "lazy-pages socket"), nil
+}
+
+// closePages drops the page namespace (and post-copy's sockets).
 func (in *incoming) closePages() {
-	if in.pageLn != nil {
-		_ = in.pageLn.Close()
+	if in.lazyConn != nil {
+		_ = in.lazyConn.Close()
+	}
+	if in.lazyPeer != nil {
+		_ = in.lazyPeer.Close()
 	}
 	_ = in.pageNS.Close()
 }
@@ -345,14 +371,22 @@ func startLazyDaemon(rs restoreSource, work string) (*lazyDaemon, error) {
 	if err := os.MkdirAll(work, 0o700); err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(rs.criu, "lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", strconv.Itoa(lazyPort),
-		"--images-dir", rs.images, "--work-dir", work, "--log-file", "lazy-pages.log", "-v2")
+	// Its page server connection is the socket on fd 3 (ferryd's socket
+	// pair, preparePages); -v1: CRIU warns at every request that a Unix
+	// socket takes no TCP options.
+	cmd := exec.Command(rs.criu, "lazy-pages", "--page-server", "--ps-socket", "3",
+		"--images-dir", rs.images, "--work-dir", work, "--log-file", "lazy-pages.log", "-v1")
+	cmd.ExtraFiles = []*os.File{rs.pages}
 	// Should the monitor die, the daemon goes with it (and the container
 	// with both: its missing pages can no longer come).
 	// In a session of its own, so that its niceness counts (below).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setsid: true}
 	ns := privnet.FromFile(rs.netns)
-	if err := ns.Start(cmd); err != nil {
+	err := ns.Start(cmd)
+	// The daemon has its end: with the monitor's closed, ferryd sees the
+	// daemon close it.
+	_ = rs.pages.Close()
+	if err != nil {
 		return nil, fmt.Errorf("start criu lazy-pages: %w", err)
 	}
 	lowerPriority(cmd.Process.Pid)
@@ -423,30 +457,13 @@ func (a *Agent) PageTunnel(ctx context.Context, id string, recv func() (*api.Tun
 	if in.mode != migrate.ModePostCopy {
 		return a.servePages(ctx, in, recv, send)
 	}
-	if in.pageLn == nil {
-		return fmt.Errorf("incoming migration %q: has no page tunnel listener: %w", in.id, ErrFailedPrecondition)
+	if in.lazyConn == nil {
+		return fmt.Errorf("incoming migration %q: has no lazy-pages socket: %w", in.id, ErrFailedPrecondition)
 	}
 	if !in.tunnel.CompareAndSwap(false, true) {
 		return fmt.Errorf("incoming migration %q: page tunnel already open: %w", in.id, ErrAlreadyExists)
 	}
-	_ = in.pageLn.SetDeadline(time.Now().Add(incomingTimeout))
-	accepted := make(chan error, 1)
-	var conn net.Conn
-	go func() {
-		var err error
-		conn, err = in.pageLn.Accept()
-		accepted <- err
-	}()
-	select {
-	case err := <-accepted:
-		_ = in.pageLn.Close() // one connection only
-		if err != nil {
-			return fmt.Errorf("incoming migration %q: lazy-pages daemon never connected: %w", in.id, err)
-		}
-	case <-ctx.Done():
-		_ = in.pageLn.Close()
-		return ctx.Err()
-	}
+	conn := in.lazyConn
 	// The daemon connects once the images are in: its ranges are known.
 	ranges, err := readLazyRanges(in.images, uint64(os.Getpagesize()))
 	if err != nil {

@@ -246,7 +246,7 @@ type readAhead struct {
 	lastDst uint64
 	closeAt *psi   // the daemon's CLOSE
 	status  []byte // the answer to CLOSE, for the daemon
-	closed  bool   // that answer came
+	closed  bool   // the source's answer to CLOSE came
 	srcEOF  bool
 	dmnEOF  bool
 
@@ -407,11 +407,16 @@ func (r *readAhead) plan() (answers []net.Buffers, gets []byte) {
 		r.aheadGets++
 	}
 	if r.closeAt != nil && len(r.pending) == 0 {
+		// The daemon has every page it wants. The page server's answer
+		// to CLOSE is always 0, and CRIU corks its socket, so the answer
+		// would wait out the cork's 200 ms: the daemon gets it from here
+		// at once, and the source's is checked when it comes.
 		b := make([]byte, psiSize)
 		r.closeAt.put(b)
 		gets = append(gets, b...)
 		r.closeAt = nil
 		r.sent = append(r.sent, fetch{p: psi{cmd: psIOVClose}})
+		r.status = make([]byte, psCloseStatusLen)
 	}
 	return answers, gets
 }
@@ -540,8 +545,12 @@ func (r *readAhead) readSource() {
 				r.fail(fmt.Errorf("the source's page server's last answer: %w", err))
 				return
 			}
+			if v := int32(binary.LittleEndian.Uint32(st)); v != 0 {
+				r.fail(fmt.Errorf("the source's page server ended its session with status %d", v))
+				return
+			}
 			r.mu.Lock()
-			r.sent, r.status, r.closed = r.sent[1:], st, true
+			r.sent, r.closed = r.sent[1:], true
 			r.mu.Unlock()
 			r.poke()
 			continue
