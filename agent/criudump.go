@@ -5,10 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 
-	criu "github.com/checkpoint-restore/go-criu/v7"
 	criurpc "github.com/checkpoint-restore/go-criu/v7/rpc"
 	securejoin "github.com/cyphar/filepath-securejoin"
 	"github.com/opencontainers/cgroups"
@@ -18,7 +18,7 @@ import (
 	"google.golang.org/protobuf/proto"
 )
 
-// ferryd asks CRIU for its dumps itself (go-criu) rather than through
+// ferryd asks CRIU for its dumps itself (criu swrk) rather than through
 // libcontainer's Checkpoint, for one reason: libcontainer always asks for
 // CRIU's debug log (level 4), and at that level CRIU writes a line for
 // every run of pages it finds and lists its page pipes in full, ~5,000
@@ -40,26 +40,133 @@ const dumpLogLevel = 2
 
 // criuDump dumps lc (pre-dump when o.PreDump) with the options libcontainer
 // would take from o; CRIU's log is dump.log or predump.log in
-// o.WorkDirectory.
-func criuDump(lc *libcontainer.Container, o *libcontainer.CriuOpts) error {
+// o.WorkDirectory. With ps, the dump sends its pages to a page server over
+// that socket (o.PageServer must be set too) instead of a TCP connection
+// of its own; criuDump closes ps in any case.
+//
+// Why a socket of ferryd's: CRIU corks its page server connection and
+// pushes only the commands it waits an answer for, so on TCP the last
+// pages and the closing message waited out the cork's 200 ms, inside the
+// freeze of a final dump; a Unix socket has no cork. CRIU's RPC takes a
+// page server socket for restores only, and its configuration file
+// (ps-socket) wants the descriptor's number in CRIU's process: so ferryd
+// starts criu swrk itself (go-criu's starts it without extra files), the
+// socket on fd 4, and names it in a configuration file of the dump's own.
+func criuDump(lc *libcontainer.Container, o *libcontainer.CriuOpts, ps *os.File) error {
+	if ps != nil {
+		defer func() { _ = ps.Close() }()
+	}
 	req, closeDirs, err := dumpRequest(lc, o)
 	if err != nil {
 		return err
 	}
 	defer closeDirs()
-	c := criu.MakeCriu() // "criu" from PATH, as libcontainer runs it
-	if err := c.Prepare(); err != nil {
-		return err
+	var extra []*os.File
+	if ps != nil {
+		if req.Ps == nil {
+			return errors.New("dump: a page server socket without a page server")
+		}
+		conf, err := psConf(req.GetConfigFile(), o.WorkDirectory, swrkPSFd)
+		if err != nil {
+			return err
+		}
+		req.ConfigFile, extra = proto.String(conf), []*os.File{ps}
 	}
+	typ := criurpc.CriuReqType_DUMP
 	if o.PreDump {
-		err = c.PreDump(req, nil)
-		// After a pre-dump CRIU waits for the next one and ends with an
-		// error when the connection closes instead (libcontainer ignores
-		// that exit for pre-dumps too): the answer above is what counts.
-		_ = c.Cleanup()
+		typ = criurpc.CriuReqType_PRE_DUMP
+	}
+	return swrk(typ, req, extra, ps)
+}
+
+// swrkPSFd is the page server socket's descriptor in criu swrk.
+const swrkPSFd = 4
+
+// psConf writes dir/ps.conf: the configuration file conf's options (if it
+// exists), and ps-socket fd.
+func psConf(conf, dir string, fd int) (string, error) {
+	b, err := os.ReadFile(conf)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return "", fmt.Errorf("dump: CRIU configuration %s: %w", conf, err)
+	}
+	if len(b) > 0 && b[len(b)-1] != '\n' {
+		b = append(b, '\n')
+	}
+	b = fmt.Appendf(b, "ps-socket %d\n", fd)
+	p := filepath.Join(dir, "ps.conf")
+	if err := os.WriteFile(p, b, 0o600); err != nil {
+		return "", err
+	}
+	return p, nil
+}
+
+// swrk runs one request in a criu swrk of its own ("criu" from PATH, as
+// libcontainer runs it) with extra on fds 4 and up (closed here once CRIU
+// has them, as is closeAfterStart), and waits for it to end. After a
+// pre-dump CRIU waits for the next request and ends with an error when the
+// connection closes instead (libcontainer ignores that exit too): the
+// answer is what counts.
+func swrk(typ criurpc.CriuReqType, opts *criurpc.CriuOpts, extra []*os.File, closeAfterStart *os.File) error {
+	fds, err := unix.Socketpair(unix.AF_LOCAL, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
 		return err
 	}
-	return errors.Join(c.Dump(req, nil), c.Cleanup())
+	cln, srv := os.NewFile(uintptr(fds[0]), "criu-client"), os.NewFile(uintptr(fds[1]), "criu-server")
+	defer func() { _ = cln.Close() }()
+	cmd := exec.Command("criu", "swrk", "3")
+	cmd.ExtraFiles = append([]*os.File{srv}, extra...)
+	err = cmd.Start()
+	_ = srv.Close()
+	if closeAfterStart != nil {
+		_ = closeAfterStart.Close()
+	}
+	if err != nil {
+		return fmt.Errorf("criu swrk: %w", err)
+	}
+	resp, rerr := swrkRoundTrip(cln, &criurpc.CriuReq{Type: &typ, Opts: opts})
+	_ = cln.Close()
+	werr := cmd.Wait()
+	if rerr != nil {
+		return errors.Join(rerr, werr)
+	}
+	if !resp.GetSuccess() {
+		msg := resp.GetCrErrmsg()
+		if msg == "" {
+			msg = fmt.Sprintf("errno %d", resp.GetCrErrno())
+		}
+		return fmt.Errorf("criu failed: type %s: %s", typ, msg)
+	}
+	if resp.GetType() != typ {
+		return fmt.Errorf("criu answered %s to %s", resp.GetType(), typ)
+	}
+	if typ == criurpc.CriuReqType_PRE_DUMP {
+		return nil
+	}
+	if werr != nil {
+		return fmt.Errorf("criu swrk: %w", werr)
+	}
+	return nil
+}
+
+// swrkRoundTrip sends req and reads CRIU's answer (one message each).
+func swrkRoundTrip(c *os.File, req *criurpc.CriuReq) (*criurpc.CriuResp, error) {
+	b, err := proto.Marshal(req)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := c.Write(b); err != nil {
+		return nil, fmt.Errorf("criu swrk: send the request: %w", err)
+	}
+	buf := make([]byte, 2<<20)
+	n, err := c.Read(buf)
+	if err != nil {
+		return nil, fmt.Errorf("criu swrk: no answer: %w", err)
+	}
+	resp := &criurpc.CriuResp{}
+	if err := proto.Unmarshal(buf[:n], resp); err != nil {
+		return nil, fmt.Errorf("criu swrk: the answer: %w", err)
+	}
+	return resp, nil
 }
 
 // dumpRequest builds the request; the func it returns closes the directories

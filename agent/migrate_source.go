@@ -652,7 +652,7 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 		// images after (see StopCopyStreamMin).
 		opts := finalDumpOpts()
 		opts.ImagesDirectory, opts.WorkDirectory = images, criuWork
-		err = a.criuView.Do(func() error { return criuDump(lc, &opts) })
+		err = a.criuView.Do(func() error { return criuDump(lc, &opts, nil) })
 		if err != nil {
 			err = fmt.Errorf("dump: %w%s", err, criuLogTail(filepath.Join(criuWork, "dump.log")))
 		}

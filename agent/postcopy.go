@@ -86,7 +86,7 @@ func (a *Agent) startLazyDump(ctx context.Context, lc *libcontainer.Container, i
 			if err := ns.Join(); err != nil {
 				return err
 			}
-			return criuDump(lc, &opts)
+			return criuDump(lc, &opts, nil)
 		})
 	}()
 	// The page server listens once the dump is written.

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -70,7 +69,6 @@ func validatePageDirs(dir, parent string) error {
 type pageSender struct {
 	view *criuview.View // CRIU's /run
 	ns   *privnet.NS
-	ln   *net.TCPListener
 	peer *client.Client
 	id   string
 	pace *pacer
@@ -91,17 +89,11 @@ func newPageSender(view *criuview.View, peer *client.Client, id string, pace *pa
 	if err != nil {
 		return nil, err
 	}
-	ln, err := ns.Listen(lazyAddr)
-	if err != nil {
-		_ = ns.Close()
-		return nil, fmt.Errorf("page listener: %w", err)
-	}
-	return &pageSender{view: view, ns: ns, ln: ln, peer: peer, id: id, pace: pace}, nil
+	return &pageSender{view: view, ns: ns, peer: peer, id: id, pace: pace}, nil
 }
 
 func (s *pageSender) close() {
 	s.dropPrepared()
-	_ = s.ln.Close()
 	_ = s.ns.Close()
 }
 
@@ -142,30 +134,32 @@ func (s *pageSender) dump(ctx context.Context, lc *libcontainer.Container, image
 	}
 	start := time.Now()
 	before := s.sent.Load()
-	done := make(chan error, 1)
-	go func() {
-		// CRIU (criu swrk) starts on the namespace's thread and connects
-		// to ferryd's listener there.
-		done <- s.view.Do(func() error {
-			if err := s.ns.Join(); err != nil {
-				return err
-			}
-			return criuDump(lc, &opts)
-		})
-	}()
 	pre := s.pre
 	s.pre = nil
 	if pre != nil && (pre.dir != filepath.Base(images) || pre.parent != parent) {
 		pre.cancel()
 		pre = nil
 	}
-	conn, err := acceptOr(s.ln, done)
+	// CRIU's page server connection is a Unix socket pair with ferryd
+	// (see criuDump).
+	conn, psSock, err := socketPair()
 	if err != nil {
 		if pre != nil {
 			pre.cancel()
 		}
-		return 0, time.Since(start), fmt.Errorf("%w%s", err, criuLogTail(filepath.Join(work, logName(opts))))
+		return 0, time.Since(start), fmt.Errorf("page server socket: %w", err)
 	}
+	done := make(chan error, 1)
+	go func() {
+		err := s.view.Do(func() error {
+			if err := s.ns.Join(); err != nil {
+				return err
+			}
+			return criuDump(lc, &opts, psSock)
+		})
+		_ = psSock.Close() // if CRIU never got it: ferryd's end sees the end
+		done <- err
+	}()
 	var stream api.Ferry_PageTunnelClient
 	if pre != nil {
 		stream = pre.stream
@@ -222,35 +216,6 @@ func logName(opts libcontainer.CriuOpts) string {
 		return "predump.log"
 	}
 	return "dump.log"
-}
-
-// acceptOr accepts one connection on ln, or returns when done (CRIU's end)
-// comes first.
-func acceptOr(ln *net.TCPListener, done chan error) (net.Conn, error) {
-	type res struct {
-		c   net.Conn
-		err error
-	}
-	ch := make(chan res, 1)
-	go func() {
-		c, err := ln.Accept()
-		ch <- res{c, err}
-	}()
-	select {
-	case r := <-ch:
-		return r.c, r.err
-	case err := <-done:
-		done <- err
-		_ = ln.SetDeadline(time.Now())
-		if r := <-ch; r.c != nil {
-			_ = r.c.Close()
-		}
-		_ = ln.SetDeadline(time.Time{})
-		if err == nil {
-			err = errors.New("CRIU ended without connecting to the page server")
-		}
-		return nil, err
-	}
 }
 
 // preCopy runs pre-dump rounds until the convergence rule stops them and
