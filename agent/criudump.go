@@ -19,7 +19,8 @@ import (
 )
 
 // ferryd asks CRIU for its dumps itself (criu swrk) rather than through
-// libcontainer's Checkpoint, for one reason: libcontainer always asks for
+// libcontainer's Checkpoint, for two reasons. A dump streaming its pages
+// takes a socket of ferryd's (criuDump). And libcontainer always asks for
 // CRIU's debug log (level 4), and at that level CRIU writes a line for
 // every run of pages it finds and lists its page pipes in full, ~5,000
 // lines for a 1 GiB process at ~10 µs each here: ~35-40 ms of a post-copy
