@@ -40,3 +40,26 @@ func TestCriuConfLabelAndFreezerPath(t *testing.T) {
 		t.Errorf("v2: %q", p)
 	}
 }
+
+func TestPSConf(t *testing.T) {
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "criu.conf")
+	if err := os.WriteFile(conf, []byte("network-lock skip\nlazy-pages"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p, err := psConf(conf, dir, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(p); string(b) != "network-lock skip\nlazy-pages\nps-socket 4\n" {
+		t.Errorf("with the container's configuration: %q", b)
+	}
+	// libcontainer's default file, absent here.
+	p, err = psConf(filepath.Join(dir, "runc.conf"), dir, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(p); string(b) != "ps-socket 4\n" {
+		t.Errorf("without one: %q", b)
+	}
+}
