@@ -71,6 +71,9 @@ package integration
 // and one small unmeasured migration per side comes first (page cache,
 // first CRIU run, TLS). Other work on this machine (a shared, 2-core VM)
 // shows up as noise: the machine's load average is logged before and after.
+//
+// FERRY_BENCH_STREAM_MIN, if set, is A's --stopcopy-stream-min (0: every
+// stop-and-copy streams its pages during the dump).
 
 import (
 	"bufio"
@@ -586,8 +589,12 @@ func newMigRig(b *testing.B) *migRig {
 		b.Fatal(err)
 	}
 	rig.addrB = "10.79.0.64:7443"
-	rig.a = newMigHost(b, "mb-host-a", "--subnet", subnet, "--ip-range", "10.79.0.0/26", "--listen", "10.79.0.1:7443",
-		"--tls-dir", dirA, "--pressure-source", "parent")
+	argsA := []string{"--subnet", subnet, "--ip-range", "10.79.0.0/26", "--listen", "10.79.0.1:7443",
+		"--tls-dir", dirA, "--pressure-source", "parent"}
+	if v := os.Getenv("FERRY_BENCH_STREAM_MIN"); v != "" {
+		argsA = append(argsA, "--stopcopy-stream-min", v) // the source's choice of how a stop-and-copy sends its pages
+	}
+	rig.a = newMigHost(b, "mb-host-a", argsA...)
 	rig.b = newMigHost(b, "mb-host-b", "--subnet", subnet, "--ip-range", "10.79.0.64/26", "--listen", rig.addrB,
 		"--tls-dir", dirB, "--pressure-source", "parent",
 		"--remote-rootfs", filepath.Dir(rig.ferryRootfs)) // the hog's rootfs, named by A
