@@ -464,7 +464,8 @@ func (a *Agent) PageTunnel(ctx context.Context, id string, recv func() (*api.Tun
 		return fmt.Errorf("incoming migration %q: page tunnel already open: %w", in.id, ErrAlreadyExists)
 	}
 	conn := in.lazyConn
-	// The daemon connects once the images are in: its ranges are known.
+	// The source opens the tunnel once the images are in: the lazy ranges
+	// are known.
 	ranges, err := readLazyRanges(in.images, uint64(os.Getpagesize()))
 	if err != nil {
 		a.log.Warn("post-copy: no read-ahead, the lazy ranges are unknown", "migration", in.id, "err", err)
