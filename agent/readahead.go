@@ -229,13 +229,11 @@ type readAhead struct {
 	recv     func() (*api.TunnelChunk, error)
 	pageSize uint64
 	ranges   lazyRanges
-	chunk    uint64 // bytes of the next read-ahead request
-	inFlight int
-	hold     int64
 	wake     chan struct{}
 
 	mu      sync.Mutex
 	err     error
+	chunk   uint64  // bytes of the next read-ahead request
 	pending []psi   // the daemon's GETs not yet answered, in order
 	sent    []fetch // GETs out at the source, answered in this order
 	pages   map[pageKey][]byte
@@ -256,7 +254,7 @@ type readAhead struct {
 
 func newReadAhead(conn net.Conn, send func(*api.TunnelChunk) error, recv func() (*api.TunnelChunk, error), ranges lazyRanges) *readAhead {
 	return &readAhead{conn: conn, send: send, recv: recv, pageSize: uint64(os.Getpagesize()), ranges: ranges,
-		chunk: raChunkMin, inFlight: raInFlight, hold: raHold, wake: make(chan struct{}, 1),
+		chunk: raChunkMin, wake: make(chan struct{}, 1),
 		pages: map[pageKey][]byte{}, cursor: map[uint64]uint64{}, given: map[uint64]*spanSet{}}
 }
 
@@ -383,7 +381,7 @@ func (r *readAhead) plan() (answers []net.Buffers, gets []byte) {
 	}
 	// Read ahead: the process the daemon asked for last first, then the
 	// others in order.
-	for r.ahead < r.inFlight && r.held+raChunk <= r.hold {
+	for r.ahead < raInFlight && r.held+raChunk <= raHold {
 		p, ok := r.next(r.lastDst)
 		if !ok {
 			ids := make([]uint64, 0, len(r.ranges))
