@@ -524,9 +524,7 @@ func (a *Agent) Migrate(ctx context.Context, req *api.MigrateRequest, progress f
 	var pageSend *pageSender
 	parentDir := ""
 	if precopy || streamPages {
-		if pageSend, err = newPageSender(a.criuView, peer, id, pace); err != nil {
-			return nil, fmt.Errorf("page sender: %w", err)
-		}
+		pageSend = newPageSender(a.criuView, peer, id, pace)
 		defer pageSend.close()
 	}
 	if precopy {

@@ -20,7 +20,6 @@ import (
 	"github.com/ferry-agent/ferry/agent/api"
 	"github.com/ferry-agent/ferry/agent/client"
 	"github.com/ferry-agent/ferry/internal/criuview"
-	"github.com/ferry-agent/ferry/internal/privnet"
 	"github.com/ferry-agent/ferry/migrate"
 )
 
@@ -32,8 +31,8 @@ import (
 // through the chain. The page traffic takes the same path as post-copy's,
 // the other way round:
 //
-//	source: CRIU pre-dump/dump --page-server 127.0.0.1:lazyPort, in a
-//	        private namespace -> ferryd's listener there
+//	source: CRIU pre-dump/dump with a page server socket of ferryd's
+//	        (one end of a Unix socket pair, see criuDump)
 //	   ===== PageTunnel (metadata: the image directory and its parent) =====
 //	dest:   criu page-server --images-dir DIR --prev-images-dir ../PARENT
 //	        on 127.0.0.1:lazyPort of its private namespace <- ferryd dials
@@ -68,7 +67,6 @@ func validatePageDirs(dir, parent string) error {
 // stop-and-copy.
 type pageSender struct {
 	view *criuview.View // CRIU's /run
-	ns   *privnet.NS
 	peer *client.Client
 	id   string
 	pace *pacer
@@ -84,17 +82,12 @@ type preparedTunnel struct {
 	cancel      context.CancelFunc
 }
 
-func newPageSender(view *criuview.View, peer *client.Client, id string, pace *pacer) (*pageSender, error) {
-	ns, err := privnet.New()
-	if err != nil {
-		return nil, err
-	}
-	return &pageSender{view: view, ns: ns, peer: peer, id: id, pace: pace}, nil
+func newPageSender(view *criuview.View, peer *client.Client, id string, pace *pacer) *pageSender {
+	return &pageSender{view: view, peer: peer, id: id, pace: pace}
 }
 
 func (s *pageSender) close() {
 	s.dropPrepared()
-	_ = s.ns.Close()
 }
 
 // prepare opens the page tunnel of the next dump, into the peer's
@@ -151,12 +144,7 @@ func (s *pageSender) dump(ctx context.Context, lc *libcontainer.Container, image
 	}
 	done := make(chan error, 1)
 	go func() {
-		err := s.view.Do(func() error {
-			if err := s.ns.Join(); err != nil {
-				return err
-			}
-			return criuDump(lc, &opts, psSock)
-		})
+		err := s.view.Do(func() error { return criuDump(lc, &opts, psSock) })
 		_ = psSock.Close() // if CRIU never got it: ferryd's end sees the end
 		done <- err
 	}()
