@@ -1296,20 +1296,22 @@ func TestMigrateFaultsInTheHandshake(t *testing.T) {
 	// CRIU failing at the handshake: the source describes its CPU with
 	// `criu cpuinfo dump`, the peer checks that description with `criu
 	// cpuinfo check` before it admits anything.
-	t.Run("CRIU fails on the source", func(t *testing.T) {
-		defer restartWithCriuFailing(t, p.a, "cpuinfo", "cpuinfo")()
-		migrateFails(t, p, "srv", "describe this CPU for the peer", "injected cpuinfo failure")
-		failedOnA(t, "injected cpuinfo failure")
-		assertIntactOnA(t, p, "srv", before)
-		releasedOnB(t, 10*time.Second)
-	})
-	t.Run("CRIU fails on the peer", func(t *testing.T) {
-		defer restartWithCriuFailing(t, p.b, "cpuinfo", "cpuinfo")()
-		migrateFails(t, p, "srv", "FailedPrecondition", "injected cpuinfo failure")
-		failedOnA(t, "injected cpuinfo failure")
-		assertIntactOnA(t, p, "srv", before)
-		releasedOnB(t, 10*time.Second)
-	})
+	for _, c := range []struct {
+		name  string
+		where *daemon
+		want  string // besides the injected failure
+	}{
+		{"CRIU fails on the source", p.a, "describe this CPU for the peer"},
+		{"CRIU fails on the peer", p.b, "FailedPrecondition"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			defer restartWithCriuFailing(t, c.where, "cpuinfo", "cpuinfo")()
+			migrateFails(t, p, "srv", c.want, "injected cpuinfo failure")
+			failedOnA(t, "injected cpuinfo failure")
+			assertIntactOnA(t, p, "srv", before)
+			releasedOnB(t, 10*time.Second)
+		})
+	}
 	t.Run("source killed after the peer prepared", func(t *testing.T) {
 		// B holds a complete preparation nobody will use; A's restart
 		// tells it to drop it.
