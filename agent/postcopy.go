@@ -497,7 +497,7 @@ func (a *Agent) finishLazy(in *incoming, restoredAt time.Time, ended <-chan erro
 	if err := atomicfile.WriteJSON(filepath.Join(c.dir, specFile), rec, 0o600); err != nil {
 		a.log.Warn("record container", "container", c.name, "err", err)
 	}
-	_ = in.pageNS.Close()
+	in.closePages() // the daemon's socket too, should the tunnel never have run
 	_ = os.RemoveAll(filepath.Dir(in.images))
 	a.log.Info("post-copy done: every page is in", "container", c.name, "migration", in.id, "postcopy_ms", in.postcopy.Milliseconds())
 	in.setOutcome(nil)
